@@ -1,0 +1,3 @@
+"""corolla: run large language models BitTorrent-style."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Server settings, grouped by concern; the CLI maps its flags onto these and nothing else parses them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from corolla.swarm.node import NetworkConfig
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    #: KV-cache tokens per hosted block (Petals' ``--attn_cache_tokens``); the server-wide budget is this
+    #: times the number of hosted blocks.
+    attn_cache_tokens: int = 16384
+    #: How long a session waits for cache space before failing with CacheFullError.
+    max_alloc_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    #: Block choice: explicit [start, end) or a count to place automatically (one of the two, or neither:
+    #: then all blocks).
+    block_indices: tuple[int, int] | None = None
+    num_blocks: int | None = None
+    dht_prefix: str | None = None
+    device: str = "cpu"
+    torch_dtype: str = "auto"
+    revision: str | None = None
+    token: str | None = None
+    public_name: str = ""
+    inference_max_length: int = 8192
+    max_batch_size: int = 8192
+    #: Longest a forward or one inference step may wait and compute, in seconds.
+    request_timeout: float = 180.0
+    #: An inference session with no step for this long is closed and its cache freed.
+    session_timeout: float = 300.0
+    #: Largest message accepted or sent.
+    max_message_bytes: int = 64 * 1024 * 1024
+    #: Seconds between DHT announcements; records expire after ``expiration`` seconds.
+    update_period: float = 30.0
+    expiration: float | None = None
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_indices is not None and self.num_blocks is not None:
+            raise ValueError("give either block_indices or num_blocks, not both")
+        if self.block_indices is not None and not 0 <= self.block_indices[0] < self.block_indices[1]:
+            raise ValueError(f"block_indices must be START:END with 0 <= START < END, got {self.block_indices}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        for name in ("inference_max_length", "max_batch_size", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cache.attn_cache_tokens < 0:
+            raise ValueError(f"attn_cache_tokens must be >= 0, got {self.cache.attn_cache_tokens}")
+
+    @property
+    def record_expiration(self) -> float:
+        return self.expiration if self.expiration is not None else 2.5 * self.update_period

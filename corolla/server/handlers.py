@@ -1,0 +1,180 @@
+"""RPC handlers: read a call's first frame, check it, serve it, answer errors as ``ErrorResponse``.
+
+A failure in one call never reaches another: every handler catches what its call raised, answers
+with the error's code and message (unexpected exceptions become ``internal`` and are logged), and
+closes only its own stream. Framing errors leave the stream out of sync, so they end the call; a
+well-framed but invalid inference step is answered with an error and the session stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from corolla.server.backend import BlockBackend
+from corolla.server.memory_cache import MemoryCache
+from corolla.wire.errors import BadRequestError, RemoteError, ServerBusyError, ServerRefusedError, SessionLengthError
+from corolla.wire.framing import read_message, write_message
+from corolla.wire.messages import (
+    ErrorResponse,
+    ForwardRequest,
+    ForwardResponse,
+    InferenceOpen,
+    InferenceOpened,
+    InferenceStep,
+    InferenceStepResult,
+    InfoRequest,
+    InfoResponse,
+    ModelRef,
+    PingRequest,
+    PingResponse,
+)
+from corolla.wire.records import ServerInfo
+from corolla.wire.tensors import dtype_name
+
+logger = logging.getLogger(__name__)
+
+
+class RequestHandler:
+    """Serves every call on this server's stream protocol."""
+
+    def __init__(
+        self,
+        backend: BlockBackend,
+        memory: MemoryCache,
+        model: ModelRef,
+        get_info: Callable[[], ServerInfo],
+        *,
+        inference_max_length: int,
+        max_batch_size: int,
+        request_timeout: float,
+        session_timeout: float,
+        max_message_bytes: int,
+    ):
+        self.backend, self.memory, self.model, self.get_info = backend, memory, model, get_info
+        self.inference_max_length = inference_max_length
+        self.max_batch_size = max_batch_size
+        self.request_timeout = request_timeout
+        self.session_timeout = session_timeout
+        self.max_bytes = max_message_bytes
+        self.accepting = True
+        self.active_sessions = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __call__(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        peer = str(stream_info.peer_id)
+        try:
+            await self._serve(peer, reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client went away; its session (if any) is already released
+        except Exception as e:
+            await self._answer_error(writer, e, peer)
+        finally:
+            self._tasks.discard(task)
+            if not writer.is_closing():
+                writer.close()
+
+    async def _serve(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await asyncio.wait_for(read_message(reader, self.max_bytes), self.request_timeout)
+        if isinstance(request, PingRequest):
+            await self._send(writer, PingResponse(time.time()))
+        elif isinstance(request, InfoRequest):
+            await self._send(writer, InfoResponse(self.get_info()))
+        elif isinstance(request, ForwardRequest):
+            self._check_model(request.model)
+            self._check_accepting()
+            out = await asyncio.wait_for(
+                self.backend.forward(request.start, request.end, request.hidden, request.positions, request.attention_mask),
+                self.request_timeout,
+            )
+            await self._send(writer, ForwardResponse(out))
+        elif isinstance(request, InferenceOpen):
+            await self._inference(peer, request, reader, writer)
+        else:
+            raise BadRequestError(f"{type(request).__name__} cannot start a call")
+
+    async def _inference(self, peer: str, request: InferenceOpen, reader, writer) -> None:
+        self._check_model(request.model)
+        self._check_accepting()
+        self.backend.check_range(request.start, request.end)
+        if not 1 <= request.max_length <= self.inference_max_length:
+            raise SessionLengthError(
+                f"max_length {request.max_length} is outside [1, {self.inference_max_length}] (this server's "
+                "--inference_max_length)"
+            )
+        if not 1 <= request.batch_size <= self.max_batch_size:
+            raise BadRequestError(f"batch_size {request.batch_size} is outside [1, {self.max_batch_size}]")
+        cache_size = request.batch_size * request.max_length * (request.end - request.start)
+        async with self.memory.reserve(cache_size):
+            session = self.backend.open_session(request.start, request.end, request.batch_size, request.max_length)
+            self.active_sessions += 1
+            logger.info(
+                "Opened a session for %s: blocks [%d, %d), batch %d, max_length %d",
+                peer, request.start, request.end, request.batch_size, request.max_length,
+            )  # fmt: skip
+            try:
+                await self._send(writer, InferenceOpened(dtype_name(self.backend.dtype), request.max_length))
+                await self._steps(session, reader, writer)
+            finally:
+                self.active_sessions -= 1
+                del session
+                logger.info("Closed a session for %s", peer)
+
+    async def _steps(self, session, reader, writer) -> None:
+        while True:
+            try:
+                step = await asyncio.wait_for(read_message(reader, self.max_bytes), self.session_timeout)
+            except asyncio.TimeoutError:
+                raise ServerBusyError(f"no step for {self.session_timeout:.0f} s; session closed") from None
+            if not isinstance(step, InferenceStep):
+                raise BadRequestError(f"expected InferenceStep, got {type(step).__name__}")
+            self._check_accepting()
+            try:
+                out = await asyncio.wait_for(
+                    self.backend.inference_step(session, step.offset, step.hidden, step.positions, step.attention_mask),
+                    self.request_timeout,
+                )
+            except RemoteError as e:  # a well-framed bad step: answer and keep the session
+                await self._answer_error(writer, e, "")
+                continue
+            await self._send(writer, InferenceStepResult(out))
+
+    def _check_model(self, model: ModelRef) -> None:
+        if model != self.model:
+            raise ServerRefusedError(
+                f"this server serves {self.model.dht_prefix!r} (config hash {self.model.config_hash[:12]}), "
+                f"not {model.dht_prefix!r} (config hash {model.config_hash[:12]})"
+            )
+
+    def _check_accepting(self) -> None:
+        if not self.accepting:
+            raise ServerBusyError("this server is shutting down")
+
+    async def _send(self, writer, message) -> None:
+        await write_message(writer, message, max_bytes=self.max_bytes)
+
+    async def _answer_error(self, writer, error: Exception, peer: str) -> None:
+        if isinstance(error, RemoteError):
+            code, message = error.code, error.message
+            logger.info("Refused a request from %s: %s", peer or "a client", message)
+        elif isinstance(error, asyncio.TimeoutError):
+            code, message = ServerBusyError.code, f"request took over {self.request_timeout:.0f} s"
+        else:
+            code, message = "internal", f"{type(error).__name__}: {error}"
+            logger.exception("Error while serving %s", peer or "a client", exc_info=error)
+        try:
+            await write_message(writer, ErrorResponse(code, message), max_bytes=self.max_bytes)
+        except (ConnectionError, RuntimeError, OSError):
+            pass
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting new work and wait up to ``grace`` seconds for in-flight calls to finish."""
+        self.accepting = False
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
+            for task in pending:  # idle sessions: their clients see EOF and fail over
+                task.cancel()

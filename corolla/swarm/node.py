@@ -1,0 +1,86 @@
+"""One peer's presence in the swarm: the libp2p daemon (hivemind ``P2P``) and a DHT node on top of it.
+
+corolla runs hivemind's ``DHTNode`` inside the caller's event loop instead of hivemind's ``DHT``
+process: one fewer Python process per peer (memory and a core matter on small machines), and no
+pipe hop for every DHT call. The only helper process is ``p2pd``, registered with the reaper so it
+dies with us whatever kills us.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from hivemind.dht import DHTNode
+from hivemind.p2p import P2P, PeerID
+
+from corolla.swarm import reaper
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """How a peer joins the swarm (Petals' flag names)."""
+
+    initial_peers: tuple[str, ...] = ()
+    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    announce_maddrs: tuple[str, ...] = ()
+    identity_path: str | None = None
+    client_mode: bool = False
+    #: UPnP/NAT-PMP port mapping: useful at home, pointless (and slow to give up) on loopback.
+    nat_port_map: bool = True
+    #: Seconds the DHT waits for a peer's answer.
+    dht_wait_timeout: float = 3.0
+
+
+class SwarmNode:
+    """A started P2P daemon plus DHT node. Create with :meth:`start`; call :meth:`shutdown` when done."""
+
+    def __init__(self, p2p: P2P, dht: DHTNode, config: NetworkConfig):
+        self.p2p = p2p
+        self.dht = dht
+        self.config = config
+
+    @classmethod
+    async def start(cls, config: NetworkConfig) -> SwarmNode:
+        before = set(reaper.children_named("p2pd"))
+        p2p = await P2P.create(
+            initial_peers=list(config.initial_peers) or None,
+            host_maddrs=list(config.host_maddrs),
+            announce_maddrs=list(config.announce_maddrs) or None,
+            identity_path=config.identity_path,
+            dht_mode="client" if config.client_mode else "server",
+            nat_port_map=config.nat_port_map and not _is_loopback(config.host_maddrs),
+        )
+        for pid in set(reaper.children_named("p2pd")) - before:
+            reaper.watch(pid)
+        try:
+            dht = await DHTNode.create(
+                p2p=p2p,
+                initial_peers=list(config.initial_peers) or None,
+                client_mode=config.client_mode,
+                wait_timeout=config.dht_wait_timeout,
+            )
+        except BaseException:
+            await p2p.shutdown()
+            raise
+        logger.info("Joined the swarm as %s (%s)", p2p.peer_id, "client" if config.client_mode else "DHT server")
+        return cls(p2p, dht, config)
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self.p2p.peer_id
+
+    async def visible_maddrs(self) -> list[str]:
+        """Multiaddrs others can pass as ``--initial_peers``, each ending with ``/p2p/<peer id>``."""
+        maddrs = await self.p2p.get_visible_maddrs()
+        return [str(m) if "/p2p/" in str(m) else f"{m}/p2p/{self.peer_id}" for m in maddrs]
+
+    async def shutdown(self) -> None:
+        await self.dht.shutdown()
+        await self.p2p.shutdown()
+
+
+def _is_loopback(maddrs: tuple[str, ...]) -> bool:
+    return bool(maddrs) and all(m.startswith(("/ip4/127.", "/ip6/::1/")) for m in maddrs)

@@ -1,0 +1,143 @@
+"""The calls between clients and servers: one frozen dataclass per request and response.
+
+Every call runs over its own stream: ``ping``, ``info`` and ``forward`` send one request and read one
+reply; ``inference`` opens with :class:`InferenceOpen`, then sends one :class:`InferenceStep` per
+step and reads one :class:`InferenceStepResult` (or :class:`ErrorResponse`) for each. Each step
+carries its cache offset and the validity of its tokens, so a replay or a retry of a step is exact:
+a step at an offset below the session's length overwrites from there.
+
+Block ranges are ``[start, end)``, absolute block indices of the model, everywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from corolla.wire.records import ServerInfo
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model a request is for: a server refuses any other."""
+
+    dht_prefix: str
+    config_hash: str
+
+
+@dataclass(frozen=True)
+class PingRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class PingResponse:
+    server_time: float
+
+
+@dataclass(frozen=True)
+class InfoRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class InfoResponse:
+    info: ServerInfo
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """Run blocks [start, end) over a whole sequence, without a cache.
+
+    ``positions`` [B, T] int64 are the tokens' position ids; ``attention_mask`` [B, T] bool marks
+    real tokens (False = padding).
+    """
+
+    model: ModelRef
+    start: int
+    end: int
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ForwardResponse:
+    hidden: torch.Tensor
+
+
+@dataclass(frozen=True)
+class InferenceOpen:
+    """Open an inference session over blocks [start, end) with a preallocated cache."""
+
+    model: ModelRef
+    start: int
+    end: int
+    max_length: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class InferenceOpened:
+    """The session is ready; ``dtype`` is what the server computes in (send hidden states in it)."""
+
+    dtype: str
+    max_length: int
+
+
+@dataclass(frozen=True)
+class InferenceStep:
+    """Process ``hidden`` [B, T, H] at cache positions [offset, offset + T).
+
+    ``positions`` [B, T] int64 are position ids; ``attention_mask`` [B, T] bool marks real tokens.
+    """
+
+    offset: int
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class InferenceStepResult:
+    hidden: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ErrorResponse:
+    """``code`` is one of :data:`corolla.wire.errors.ERROR_CLASSES`; ``message`` says what was wrong."""
+
+    code: str
+    message: str
+
+
+class Kind(enum.IntEnum):
+    PING_REQUEST = 1
+    PING_RESPONSE = 2
+    INFO_REQUEST = 3
+    INFO_RESPONSE = 4
+    FORWARD_REQUEST = 5
+    FORWARD_RESPONSE = 6
+    INFERENCE_OPEN = 7
+    INFERENCE_OPENED = 8
+    INFERENCE_STEP = 9
+    INFERENCE_STEP_RESULT = 10
+    ERROR = 11
+
+
+MESSAGE_CLASSES: dict[Kind, type] = {
+    Kind.PING_REQUEST: PingRequest,
+    Kind.PING_RESPONSE: PingResponse,
+    Kind.INFO_REQUEST: InfoRequest,
+    Kind.INFO_RESPONSE: InfoResponse,
+    Kind.FORWARD_REQUEST: ForwardRequest,
+    Kind.FORWARD_RESPONSE: ForwardResponse,
+    Kind.INFERENCE_OPEN: InferenceOpen,
+    Kind.INFERENCE_OPENED: InferenceOpened,
+    Kind.INFERENCE_STEP: InferenceStep,
+    Kind.INFERENCE_STEP_RESULT: InferenceStepResult,
+    Kind.ERROR: ErrorResponse,
+}
+KINDS: dict[type, Kind] = {cls: kind for kind, cls in MESSAGE_CLASSES.items()}

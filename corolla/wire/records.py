@@ -1,0 +1,49 @@
+"""Records that servers announce in the DHT: :class:`ServerInfo`, one per server and hosted block.
+
+The record is packed with the same typed codec as the messages (no pickle, no free-form dicts) and
+stored as bytes under the key ``"{dht_prefix}.{block}"`` with the server's peer id as subkey. A
+reader validates it on the way in and skips records that do not decode.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+WIRE_VERSION = 1
+MAX_RECORD_BYTES = 16 * 1024
+
+
+class ServerState(enum.Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a server tells the swarm about itself. Block range ``[start, end)``.
+
+    ``inference_latency`` is the measured seconds per token per block for one inference step;
+    ``throughput`` the tokens/s the server can serve through one block; ``free_cache_tokens`` how many
+    more tokens (per block) its KV-cache budget can hold now; ``next_rtts`` pairs of (peer id, seconds)
+    to servers hosting the blocks after its own.
+    """
+
+    state: ServerState
+    start: int
+    end: int
+    public_name: str = ""
+    throughput: float = 0.0
+    inference_latency: float = 0.0
+    free_cache_tokens: int = 0
+    inference_max_length: int = 0
+    max_batch_size: int = 0
+    torch_dtype: str = "float32"
+    quantization: str = "none"
+    adapters: tuple[str, ...] = ()
+    software_version: str = ""
+    wire_version: int = WIRE_VERSION
+    config_hash: str = ""
+    relayed: bool = False
+    next_rtts: tuple[tuple[str, float], ...] = field(default_factory=tuple)
