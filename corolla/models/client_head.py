@@ -1,0 +1,85 @@
+"""`ClientHead`: the pieces of a model the client holds: token embeddings, final norm, LM head.
+
+Public API::
+
+    ClientHead.load(model_ref, *, dtype, device="cpu", revision=None, token=None, cache_dir=None,
+                    progress=True) -> ClientHead
+    ClientHead.from_config(config, *, dtype, device="cpu") -> ClientHead     # random init
+    head.embed(input_ids [B, T]) -> [B, T, H]
+    head.logits(hidden [B, T, H]) -> [B, T, vocab]      # final norm + LM head
+    head.config
+
+With `tie_word_embeddings` the LM head is the embedding matrix (the checkpoint's `lm_head.weight`, if
+any, is not read, as in transformers); otherwise `lm_head.weight` must be in the checkpoint. The HF
+tensor names come from the family (`ModelFamily.client_names`). Logits come out in the head's dtype;
+cast to float before sampling if the head is half precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corolla.models.checkpoint import Checkpoint
+from corolla.models.errors import CheckpointError
+from corolla.models.family import tied_embeddings
+from corolla.models.layers import RMSNorm
+from corolla.models.registry import get_family
+
+
+class ClientHead(nn.Module):
+    def __init__(self, config, *, dtype=None, device="cpu"):
+        super().__init__()
+        self.config = config
+        factory = {"dtype": dtype, "device": device}
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+        self.tied = tied_embeddings(config)
+        self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+
+    @classmethod
+    def from_config(cls, config, *, dtype: torch.dtype, device="cpu") -> ClientHead:
+        get_family(config.model_type).check_config(config)
+        return cls(config, dtype=dtype, device=device)
+
+    @classmethod
+    def load(
+        cls,
+        model_ref: str,
+        *,
+        dtype: torch.dtype,
+        device="cpu",
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        progress: bool = True,
+    ) -> ClientHead:
+        """Load the embeddings, final norm and (untied) LM head of a local folder or Hub repo."""
+        checkpoint = Checkpoint(model_ref, revision=revision, token=token, cache_dir=cache_dir)
+        family = get_family(checkpoint.raw_config.get("model_type"))
+        config = checkpoint.config
+        family.check_config(config)
+        names = family.client_names(config)
+        tensors = checkpoint.load_tensors(list(names.values()), dtype=dtype, device=device, progress=progress)
+        shapes = {
+            "embed": (config.vocab_size, config.hidden_size),
+            "norm": (config.hidden_size,),
+            "lm_head": (config.vocab_size, config.hidden_size),
+        }
+        for role, name in names.items():
+            if tuple(tensors[name].shape) != shapes[role]:
+                raise CheckpointError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shapes[role]}")
+        head = cls(config, dtype=dtype, device="meta")
+        state = {"embed_tokens.weight": tensors[names["embed"]], "norm.weight": tensors[names["norm"]]}
+        if "lm_head" in names:
+            state["lm_head.weight"] = tensors[names["lm_head"]]
+        head.load_state_dict(state, strict=True, assign=True)
+        return head
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(hidden), weight)

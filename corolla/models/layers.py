@@ -1,0 +1,224 @@
+"""Shared plain-torch layers for decoder blocks: RMSNorm, rotary embeddings, GQA attention, gated MLP.
+
+Decisions:
+
+- **Fused projections.** q/k/v are one `nn.Linear` (`qkv`) and gate/up are one (`gate_up`): one matmul
+  instead of three (two) per block, which matters for the per-token step. Families' weight maps
+  concatenate the HF tensors into them (see `corolla.models.family.WeightMap`).
+- **Computed once per forward.** `RotaryEmbedding` returns cos/sin for the positions of a forward and
+  `attention_masks` builds its masks; the caller (`BlockStack`) shares both among all blocks.
+- **Rotary without `rotate_half`.** `rotate_half(x) * sin == x.roll(d/2) * [-sin, sin]` exactly (the
+  negation is exact), so the sign is folded into the `sin` table once per forward: one op per block
+  less. cos/sin are computed in fp32 then cast to the activation dtype, like transformers.
+- **GQA by folding query heads** instead of repeating keys/values: queries of the `n_rep` heads that
+  share a kv head become `n_rep * T` rows of that kv head, so SDPA runs with `num_kv_heads` heads and the
+  cache is never copied or expanded (and memory-efficient SDPA kernels, which take an explicit mask but
+  not `enable_gqa`, stay usable on GPU). The mask is repeated to match, once per forward.
+- **Explicit boolean masks.** Row `t` of a forward at cache offset `o` is the token at cache index
+  `o + t`; it sees key `j` when `j <= o + t`, `attention_mask[b, j]` is True and, for sliding-window
+  layers, `j > o + t - window` (window counted on cache indices, like transformers). A query always
+  sees its own key, so padded rows never produce NaN.
+- **RMSNorm order** follows transformers (normalise in fp32, cast back, then multiply the weight) so
+  that half-precision results match it bit for bit as far as possible.
+
+Rope types: "default", "linear", "llama3" and "dynamic" (NTK; recomputed per forward from the largest
+position in it, which is what transformers' stateful version computes during one growing generation).
+Settings come from `config.rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corolla.models.errors import UnsupportedModelError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+
+
+def rope_parameters(config) -> dict:
+    """The rope settings of `config` as one flat dict with at least `rope_type` and `rope_theta`."""
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        if any(isinstance(value, dict) for value in params.values()):
+            raise UnsupportedModelError("per-layer-type rope_parameters are not supported")
+        params = dict(params)
+    else:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    if params["rope_type"] == "llama3":
+        params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    if factor not in (None, 1, 1.0):
+        raise UnsupportedModelError(f"partial_rotary_factor={factor} is not supported")
+    if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope type {params['rope_type']!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    return params
+
+
+def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3_inv_freq(params: dict, dim: int) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths divided by `factor`, short kept, the band between blended."""
+    inv_freq = _default_inv_freq(params["rope_theta"], dim)
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    old_len = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions; one instance serves every block of a stack."""
+
+    def __init__(self, head_dim: int, params: dict, max_position_embeddings: int, device=None):
+        super().__init__()
+        self.head_dim = head_dim
+        self.rope_type = params["rope_type"]
+        self.params = params
+        self.max_position_embeddings = max_position_embeddings
+        if self.rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(params, head_dim)
+        else:
+            inv_freq = _default_inv_freq(params["rope_theta"], head_dim)
+            if self.rope_type == "linear":
+                inv_freq = inv_freq / params["factor"]
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    @classmethod
+    def from_config(cls, config, head_dim: int, device=None) -> RotaryEmbedding:
+        return cls(head_dim, rope_parameters(config), config.max_position_embeddings, device)
+
+    def _dynamic_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
+        seq_len = int(positions.max()) + 1
+        if seq_len <= self.max_position_embeddings:
+            return self.inv_freq
+        factor, dim = self.params["factor"], self.head_dim
+        base = self.params["rope_theta"] * (
+            (factor * seq_len / self.max_position_embeddings) - (factor - 1)
+        ) ** (dim / (dim - 2))
+        return _default_inv_freq(base, dim).to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> (cos, signed sin), each [B, T, 1, head_dim] in `dtype`."""
+        inv_freq = self._dynamic_inv_freq(positions) if self.rope_type == "dynamic" else self.inv_freq
+        freqs = positions[..., None].float() * inv_freq
+        cos, sin = freqs.cos(), freqs.sin()
+        cos = torch.cat((cos, cos), dim=-1)
+        sin = torch.cat((-sin, sin), dim=-1)
+        return cos.to(dtype)[:, :, None, :], sin.to(dtype)[:, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, d] rotated by the tables of `RotaryEmbedding.forward`."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, *, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one projection."""
+
+    def __init__(self, hidden: int, intermediate: int, *, bias: bool = False, dtype=None, device=None):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=bias, dtype=dtype, device=device)
+        self.down = nn.Linear(intermediate, hidden, bias=bias, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+@dataclass
+class AttentionInputs:
+    """What every block of one forward shares; built once by the caller."""
+
+    cos: torch.Tensor  # [B, T, 1, head_dim]
+    sin: torch.Tensor  # [B, T, 1, head_dim], sign folded in (see module docstring)
+    masks: dict  # sliding window (None = full attention) -> bool [B, 1, n_rep * T, S]
+    offset: int  # cache index of the first of the T tokens
+
+
+def attention_masks(
+    attention_mask: torch.Tensor, offset: int, length: int, windows, n_rep: int
+) -> dict[int | None, torch.Tensor]:
+    """Boolean SDPA masks [B, 1, n_rep * length, S] for each sliding window in `windows` (None = full)."""
+    device = attention_mask.device
+    q_idx = torch.arange(offset, offset + length, device=device)[:, None]
+    k_idx = torch.arange(attention_mask.shape[1], device=device)[None, :]
+    causal = k_idx <= q_idx
+    own = (k_idx == q_idx)[None]
+    valid = attention_mask.bool()[:, None, :]
+    masks = {}
+    for window in windows:
+        visible = causal if window is None else causal & (k_idx > q_idx - window)
+        mask = (visible[None] & valid) | own
+        masks[window] = mask.repeat(1, n_rep, 1)[:, None] if n_rep > 1 else mask[:, None]
+    return masks
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped kv heads, rotary positions and an optional preallocated cache."""
+
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        sliding_window: int | None = None,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise UnsupportedModelError(f"{num_heads} heads cannot share {num_kv_heads} kv heads evenly")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.n_rep = num_heads // num_kv_heads
+        self.sliding_window = sliding_window
+        qkv_out = (num_heads + 2 * num_kv_heads) * head_dim
+        self.qkv = nn.Linear(hidden, qkv_out, bias=qkv_bias, dtype=dtype, device=device)
+        self.o = nn.Linear(num_heads * head_dim, hidden, bias=o_bias, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache=None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        n_q, n_kv, n_rep = self.num_heads, self.num_kv_heads, self.n_rep
+        qkv = self.qkv(x).view(batch, length, n_q + 2 * n_kv, self.head_dim)
+        qk = apply_rotary(qkv[:, :, : n_q + n_kv], inputs.cos, inputs.sin)
+        # [B, T, n_kv, n_rep, d] -> [B, n_kv, n_rep * T, d]: row r * T + t is head (kv * n_rep + r), token t
+        q = qk[:, :, :n_q].view(batch, length, n_kv, n_rep, self.head_dim).permute(0, 2, 3, 1, 4)
+        q = q.reshape(batch, n_kv, n_rep * length, self.head_dim)
+        k = qk[:, :, n_q:].transpose(1, 2)
+        v = qkv[:, :, n_q + n_kv :].transpose(1, 2)
+        if cache is not None:
+            end = inputs.offset + length
+            cache.k[:, :, inputs.offset : end] = k
+            cache.v[:, :, inputs.offset : end] = v
+            k, v = cache.k[:, :, :end], cache.v[:, :, :end]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.masks[self.sliding_window])
+        out = out.view(batch, n_kv, n_rep, length, self.head_dim).permute(0, 3, 1, 2, 4)
+        return self.o(out.reshape(batch, length, n_q * self.head_dim))

@@ -1,0 +1,28 @@
+"""The family registry, keyed by HF `model_type` (the `model_type` field of config.json).
+
+A family is registered here once it passes the parity tests in `tests/models`. `get_family` is the one
+entry point; an unknown type raises `UnsupportedModelError` naming it and listing what is supported.
+"""
+
+from __future__ import annotations
+
+from corolla.models.errors import UnsupportedModelError
+from corolla.models.family import ModelFamily
+from corolla.models.llama import FAMILIES as _LLAMA_FAMILIES
+
+__all__ = ["UnsupportedModelError", "get_family", "supported_model_types"]
+
+_REGISTRY: dict[str, ModelFamily] = {family.model_type: family for family in _LLAMA_FAMILIES}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_family(model_type: str) -> ModelFamily:
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported by corolla; supported: {', '.join(supported_model_types())}"
+        ) from None

@@ -1,0 +1,189 @@
+"""`BlockStack`: a contiguous run of blocks [start, end) of one model, in plain torch.
+
+This is what a server hosts. Public API::
+
+    BlockStack.load(model_ref, start, end, *, dtype, device="cpu", revision=None, token=None,
+                    cache_dir=None, progress=True) -> BlockStack
+    BlockStack.from_config(config, start, end, *, dtype, device="cpu") -> BlockStack   # random init
+    stack.kv_cache_shape(batch, max_length) -> (batch, num_kv_heads, max_length, head_dim)  # one block
+    stack.cache_bytes_per_token() -> int             # one block, k + v, in the stack's dtype
+    stack.allocate_cache(batch, max_length, blocks=None) -> list[LayerCache]   # zeroed, one per block
+    stack(hidden, positions, attention_mask, caches=None, offset=0, blocks=None) -> hidden
+
+Forward semantics (`hidden` [B, T, H] in the stack's dtype; `positions` [B, T] absolute position ids
+of these T tokens; `attention_mask` [B, offset + T], True (or 1) = real token, False = padding, for
+every key position so far): the new tokens' keys/values are written into `caches` (one per block run)
+at [offset, offset + T); each token attends causally to cache indices <= its own, skipping padding; a
+query always sees its own key, so padded rows stay finite (their values are meaningless). Without
+caches the forward covers only these T tokens and `offset` must be 0. `blocks=(a, b)` runs an absolute
+sub-range of [start, end). Rotary tables and masks are computed once per forward for all blocks.
+
+Loading reads the config, checks the family (`UnsupportedModelError` for an unknown `model_type`),
+refuses checkpoints whose index lists tensors under these blocks' prefixes that the family's weight
+map does not know (`CheckpointError` naming them), then reads only these blocks' tensors, checking
+every shape. Blocks are built on the meta device and receive the loaded tensors by assignment, so a
+stack never holds two copies of its weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from corolla.models.cache import LayerCache
+from corolla.models.checkpoint import Checkpoint
+from corolla.models.errors import CheckpointError
+from corolla.models.family import ModelFamily, assemble_state
+from corolla.models.layers import AttentionInputs, RotaryEmbedding, attention_masks
+from corolla.models.registry import get_family
+
+
+class BlockStack(nn.Module):
+    """A contiguous run of blocks [start, end) of one model, in plain torch."""
+
+    def __init__(self, config, start: int, end: int, family: ModelFamily, layers: list[nn.Module], device="cpu"):
+        super().__init__()
+        _check_range(config, start, end)
+        if len(layers) != end - start:
+            raise ValueError(f"got {len(layers)} blocks for range [{start}, {end})")
+        self.config, self.start, self.end, self.family = config, start, end, family
+        self.specs = [family.block_spec(config, index) for index in range(start, end)]
+        self.layers = nn.ModuleList(layers)
+        spec = self.specs[0]
+        self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
+        self.n_rep = spec.num_heads // spec.num_kv_heads
+        self.windows = [s.sliding_window for s in self.specs]
+        self.rotary = RotaryEmbedding.from_config(config, self.head_dim, device)
+
+    @classmethod
+    def from_config(cls, config, start: int, end: int, *, dtype: torch.dtype, device="cpu") -> BlockStack:
+        """Randomly initialised blocks (for tests and benchmarks)."""
+        family = get_family(config.model_type)
+        family.check_config(config)
+        _check_range(config, start, end)
+        layers = [family.make_block(family.block_spec(config, i), dtype=dtype, device=device) for i in range(start, end)]
+        return cls(config, start, end, family, layers, device)
+
+    @classmethod
+    def load(
+        cls,
+        model_ref: str,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype,
+        device="cpu",
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        progress: bool = True,
+    ) -> BlockStack:
+        """Load blocks [start, end) of a local folder or Hub repo, reading only their tensors."""
+        checkpoint = Checkpoint(model_ref, revision=revision, token=token, cache_dir=cache_dir)
+        family = get_family(checkpoint.raw_config.get("model_type"))
+        config = checkpoint.config
+        family.check_config(config)
+        _check_range(config, start, end)
+        names = {index: family.hf_names(config, index) for index in range(start, end)}
+        _check_unexpected(checkpoint.weight_map, family, names)
+        tensors = checkpoint.load_tensors(
+            [n for block in names.values() for n in block], dtype=dtype, device=device, progress=progress
+        )
+        layers = []
+        for index in range(start, end):
+            spec = family.block_spec(config, index)
+            layer = family.make_block(spec, dtype=dtype, device="meta")
+            state = assemble_state(family.weight_map(spec), family.prefix(index), tensors)
+            layer.load_state_dict(state, strict=True, assign=True)
+            layers.append(layer)
+        return cls(config, start, end, family, layers, device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def kv_cache_shape(self, batch: int, max_length: int) -> tuple[int, ...]:
+        """Shape of `LayerCache.k` (and `.v`) for one block."""
+        return (batch, self.num_kv_heads, max_length, self.head_dim)
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of k + v for one token of one block, in this stack's dtype."""
+        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def allocate_cache(self, batch: int, max_length: int, blocks: tuple[int, int] | None = None) -> list[LayerCache]:
+        """Zeroed caches, one per block of `blocks` (default: all of [start, end))."""
+        first, last = self._block_range(blocks)
+        shape = self.kv_cache_shape(batch, max_length)
+        return [LayerCache.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(first, last)]
+
+    def _block_range(self, blocks: tuple[int, int] | None) -> tuple[int, int]:
+        if blocks is None:
+            return self.start, self.end
+        first, last = blocks
+        if not self.start <= first < last <= self.end:
+            raise ValueError(f"blocks {blocks} is not a non-empty sub-range of [{self.start}, {self.end})")
+        return first, last
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        caches: list[LayerCache] | None = None,
+        offset: int = 0,
+        blocks: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        first, last = self._block_range(blocks)
+        batch, length, _ = hidden.shape
+        _check_step(hidden, positions, attention_mask, caches, offset, last - first)
+        cos, sin = self.rotary(positions, hidden.dtype)
+        windows = set(self.windows[first - self.start : last - self.start])
+        masks = attention_masks(attention_mask, offset, length, windows, self.n_rep)
+        inputs = AttentionInputs(cos, sin, masks, offset)
+        for i, layer in enumerate(self.layers[first - self.start : last - self.start]):
+            hidden = layer(hidden, inputs, None if caches is None else caches[i])
+        return hidden
+
+
+def _check_range(config, start: int, end: int) -> None:
+    if not 0 <= start < end <= config.num_hidden_layers:
+        raise ValueError(f"block range [{start}, {end}) is not within [0, {config.num_hidden_layers})")
+
+
+def _check_step(hidden, positions, attention_mask, caches, offset: int, num_blocks: int) -> None:
+    batch, length, _ = hidden.shape
+    if tuple(positions.shape) != (batch, length):
+        raise ValueError(f"positions has shape {tuple(positions.shape)}, expected {(batch, length)}")
+    if tuple(attention_mask.shape) != (batch, offset + length):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, offset + length)}"
+        )
+    if caches is None:
+        if offset != 0:
+            raise ValueError("offset must be 0 without caches")
+        return
+    if len(caches) != num_blocks:
+        raise ValueError(f"got {len(caches)} caches for {num_blocks} blocks")
+    k = caches[0].k
+    if k.shape[0] != batch or offset + length > k.shape[2]:
+        raise ValueError(
+            f"cache of batch {k.shape[0]} and max length {k.shape[2]} cannot take batch {batch} "
+            f"at [{offset}, {offset + length})"
+        )
+
+
+def _check_unexpected(weight_map: dict[str, str], family: ModelFamily, names: dict[int, list[str]]) -> None:
+    """Fail on checkpoint tensors under these blocks' prefixes that the family's weight map does not use."""
+    prefixes = tuple(family.prefix(index) for index in names)
+    expected = {n for block in names.values() for n in block}
+    unexpected = sorted(
+        n for n in weight_map if n.startswith(prefixes) and n not in expected and not family.is_ignored(n)
+    )
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has tensors the {family.model_type} weight map does not know: {', '.join(unexpected)}"
+        )
