@@ -185,7 +185,11 @@ class Checkpoint:
             by_shard[self.weight_map[name]].append(name)
         tensors: dict[str, torch.Tensor] = {}
         bar = tqdm(
-            total=len(names), unit="tensor", desc=f"Loading {self.model_ref}", file=sys.stderr, disable=not progress
+            total=len(names),
+            unit="tensor",
+            desc=f"Loading {self.model_ref}",
+            file=sys.stderr,
+            disable=not progress,
         )
         with bar:
             for shard, shard_names in by_shard.items():

@@ -36,7 +36,9 @@ class ClientHead(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
         self.tied = tied_embeddings(config)
-        self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+        self.lm_head = (
+            None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+        )
 
     @classmethod
     def from_config(cls, config, *, dtype: torch.dtype, device="cpu") -> ClientHead:
@@ -69,7 +71,9 @@ class ClientHead(nn.Module):
         }
         for role, name in names.items():
             if tuple(tensors[name].shape) != shapes[role]:
-                raise CheckpointError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shapes[role]}")
+                raise CheckpointError(
+                    f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shapes[role]}"
+                )
         head = cls(config, dtype=dtype, device="meta")
         state = {"embed_tokens.weight": tensors[names["embed"]], "norm.weight": tensors[names["norm"]]}
         if "lm_head" in names:

@@ -106,9 +106,9 @@ class RotaryEmbedding(nn.Module):
         if seq_len <= self.max_position_embeddings:
             return self.inv_freq
         factor, dim = self.params["factor"], self.head_dim
-        base = self.params["rope_theta"] * (
-            (factor * seq_len / self.max_position_embeddings) - (factor - 1)
-        ) ** (dim / (dim - 2))
+        base = self.params["rope_theta"] * ((factor * seq_len / self.max_position_embeddings) - (factor - 1)) ** (
+            dim / (dim - 2)
+        )
         return _default_inv_freq(base, dim).to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,7 +61,9 @@ class BlockStack(nn.Module):
         family = get_family(config.model_type)
         family.check_config(config)
         _check_range(config, start, end)
-        layers = [family.make_block(family.block_spec(config, i), dtype=dtype, device=device) for i in range(start, end)]
+        layers = [
+            family.make_block(family.block_spec(config, i), dtype=dtype, device=device) for i in range(start, end)
+        ]
         return cls(config, start, end, family, layers, device)
 
     @classmethod
@@ -114,7 +116,9 @@ class BlockStack(nn.Module):
         """Bytes of k + v for one token of one block, in this stack's dtype."""
         return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
-    def allocate_cache(self, batch: int, max_length: int, blocks: tuple[int, int] | None = None) -> list[LayerCache]:
+    def allocate_cache(
+        self, batch: int, max_length: int, blocks: tuple[int, int] | None = None
+    ) -> list[LayerCache]:
         """Zeroed caches, one per block of `blocks` (default: all of [start, end))."""
         first, last = self._block_range(blocks)
         shape = self.kv_cache_shape(batch, max_length)

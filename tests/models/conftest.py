@@ -109,4 +109,3 @@ def llama_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama-loader")
     model = make_checkpoint(CONFIGS["llama-gqa-headdim-llama3-tied"](), path, seed=1)
     return str(path), model
-
