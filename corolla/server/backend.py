@@ -44,7 +44,9 @@ class BlockBackend:
                 f"blocks [{start}, {end}) are not within this server's blocks [{self.stack.start}, {self.stack.end})"
             )
 
-    def check_inputs(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch: int | None) -> None:
+    def check_inputs(
+        self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch: int | None
+    ) -> None:
         if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size or hidden.shape[1] == 0:
             raise BadRequestError(
                 f"hidden states must be [batch, tokens >= 1, {self.hidden_size}], got {list(hidden.shape)}"
@@ -52,15 +54,23 @@ class BlockBackend:
         if not hidden.is_floating_point():
             raise BadRequestError(f"hidden states must be floating point, got {hidden.dtype}")
         if batch is not None and hidden.shape[0] != batch:
-            raise BadRequestError(f"the session was opened with batch size {batch}, this step has {hidden.shape[0]}")
+            raise BadRequestError(
+                f"the session was opened with batch size {batch}, this step has {hidden.shape[0]}"
+            )
         if positions.shape != hidden.shape[:2] or positions.dtype != torch.int64:
-            raise BadRequestError(f"positions must be int64 {list(hidden.shape[:2])}, got {positions.dtype} {list(positions.shape)}")
+            raise BadRequestError(
+                f"positions must be int64 {list(hidden.shape[:2])}, got {positions.dtype} {list(positions.shape)}"
+            )
         if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
-            raise BadRequestError(f"attention_mask must be bool {list(hidden.shape[:2])}, got {mask.dtype} {list(mask.shape)}")
+            raise BadRequestError(
+                f"attention_mask must be bool {list(hidden.shape[:2])}, got {mask.dtype} {list(mask.shape)}"
+            )
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= 1 << 24):
             raise BadRequestError("positions must be in [0, 2**24)")
 
-    async def forward(self, start: int, end: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+    async def forward(
+        self, start: int, end: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ):
         self.check_range(start, end)
         self.check_inputs(hidden, positions, mask, None)
         return await self.worker.submit(PRIORITY_FORWARD, self._forward, start, end, hidden, positions, mask)
@@ -96,6 +106,11 @@ class BlockBackend:
         session.valid[:, offset:end] = mask.to(self.device)
         hidden = hidden.to(self.device, self.dtype)
         out = self.stack(
-            hidden, positions.to(self.device), session.valid[:, :end], session.caches, offset, (session.start, session.end)
+            hidden,
+            positions.to(self.device),
+            session.valid[:, :end],
+            session.caches,
+            offset,
+            (session.start, session.end),
         )
         return out.cpu()

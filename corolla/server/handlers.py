@@ -15,7 +15,13 @@ from collections.abc import Callable
 
 from corolla.server.backend import BlockBackend
 from corolla.server.memory_cache import MemoryCache
-from corolla.wire.errors import BadRequestError, RemoteError, ServerBusyError, ServerRefusedError, SessionLengthError
+from corolla.wire.errors import (
+    BadRequestError,
+    RemoteError,
+    ServerBusyError,
+    ServerRefusedError,
+    SessionLengthError,
+)
 from corolla.wire.framing import read_message, write_message
 from corolla.wire.messages import (
     ErrorResponse,
@@ -88,7 +94,9 @@ class RequestHandler:
             self._check_model(request.model)
             self._check_accepting()
             out = await asyncio.wait_for(
-                self.backend.forward(request.start, request.end, request.hidden, request.positions, request.attention_mask),
+                self.backend.forward(
+                    request.start, request.end, request.hidden, request.positions, request.attention_mask
+                ),
                 self.request_timeout,
             )
             await self._send(writer, ForwardResponse(out))
@@ -135,7 +143,9 @@ class RequestHandler:
             self._check_accepting()
             try:
                 out = await asyncio.wait_for(
-                    self.backend.inference_step(session, step.offset, step.hidden, step.positions, step.attention_mask),
+                    self.backend.inference_step(
+                        session, step.offset, step.hidden, step.positions, step.attention_mask
+                    ),
                     self.request_timeout,
                 )
             except RemoteError as e:  # a well-framed bad step: answer and keep the session

@@ -17,7 +17,7 @@ import time
 import torch
 
 from corolla import __version__
-from corolla.models.checkpoint import config_hash, default_dht_prefix, load_config
+from corolla.models.checkpoint import Checkpoint, config_hash, default_dht_prefix
 from corolla.models.stack import BlockStack
 from corolla.server.backend import BlockBackend
 from corolla.server.block_selection import choose_best_start
@@ -47,7 +47,7 @@ class Server:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
-        model_config = load_config(cfg.model, revision=cfg.revision, token=cfg.token)
+        model_config = Checkpoint(cfg.model, revision=cfg.revision, token=cfg.token).config
         self.dht_prefix = cfg.dht_prefix or default_dht_prefix(cfg.model)
         self.model_ref = ModelRef(self.dht_prefix, config_hash(model_config))
         dtype = resolve_dtype(cfg.torch_dtype, model_config)
@@ -104,7 +104,9 @@ class Server:
 
     async def _load(self, start: int, end: int, dtype: torch.dtype) -> BlockStack:
         cfg = self.config
-        logger.info("Loading blocks [%d, %d) of %s in %s on %s", start, end, cfg.model, dtype_name(dtype), cfg.device)
+        logger.info(
+            "Loading blocks [%d, %d) of %s in %s on %s", start, end, cfg.model, dtype_name(dtype), cfg.device
+        )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             None,
@@ -147,7 +149,12 @@ class Server:
         assert self.info is not None and self.node is not None
         blocks = range(self.info.start, self.info.end)
         await announce(
-            self.node.dht, self.dht_prefix, self.node.peer_id.to_base58(), blocks, self.info, self.config.record_expiration
+            self.node.dht,
+            self.dht_prefix,
+            self.node.peer_id.to_base58(),
+            blocks,
+            self.info,
+            self.config.record_expiration,
         )
 
     async def _serve_until(self, stop: asyncio.Event, memory: MemoryCache) -> None:
@@ -155,7 +162,11 @@ class Server:
         self.info = self._current_info(memory)
         await self._announce()
         logger.info(
-            "Serving blocks [%d, %d) of %s as %s", self.info.start, self.info.end, self.dht_prefix, self.node.peer_id
+            "Serving blocks [%d, %d) of %s as %s",
+            self.info.start,
+            self.info.end,
+            self.dht_prefix,
+            self.node.peer_id,
         )
         while not stop.is_set():
             try:
@@ -169,7 +180,10 @@ class Server:
         logger.info("Shutting down: announcing offline, finishing in-flight steps")
         self.info = dataclasses.replace(self.info, state=ServerState.OFFLINE)
         drain = asyncio.create_task(self.handler.drain(SHUTDOWN_GRACE))
-        await self._announce()
+        try:
+            await asyncio.wait_for(self._announce(), SHUTDOWN_GRACE)
+        except (asyncio.TimeoutError, OSError) as e:  # e.g. Ctrl-C in a terminal also stopped p2pd
+            logger.warning("Could not announce offline (%r); the records will expire", e)
         await drain
 
 
@@ -182,5 +196,3 @@ def resolve_dtype(name: str, model_config) -> torch.dtype:
     if isinstance(declared, str):
         declared = DTYPES.get(declared)
     return declared if declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-
-

@@ -8,6 +8,7 @@ dies with us whatever kills us.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -77,9 +78,12 @@ class SwarmNode:
         maddrs = await self.p2p.get_visible_maddrs()
         return [str(m) if "/p2p/" in str(m) else f"{m}/p2p/{self.peer_id}" for m in maddrs]
 
-    async def shutdown(self) -> None:
-        await self.dht.shutdown()
-        await self.p2p.shutdown()
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        try:
+            await asyncio.wait_for(self.dht.shutdown(), timeout)
+        except (asyncio.TimeoutError, OSError) as e:
+            logger.debug("DHT shutdown did not finish cleanly: %r", e)
+        await asyncio.wait_for(self.p2p.shutdown(), timeout)
 
 
 def _is_loopback(maddrs: tuple[str, ...]) -> bool:

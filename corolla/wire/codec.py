@@ -67,7 +67,9 @@ def from_obj(cls: type[T], obj: Any, max_tensor_bytes: int, where: str = "") -> 
     if not isinstance(obj, list) or len(obj) != len(fields):
         raise BadRequestError(f"{where}: expected {len(fields)} fields, got {_describe(obj)}")
     hints = _hints(cls)
-    values = {f.name: _convert(hints[f.name], v, max_tensor_bytes, f"{where}.{f.name}") for f, v in zip(fields, obj)}
+    values = {
+        f.name: _convert(hints[f.name], v, max_tensor_bytes, f"{where}.{f.name}") for f, v in zip(fields, obj)
+    }
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:

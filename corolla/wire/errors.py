@@ -83,7 +83,14 @@ def _format_blocks(blocks: list[int]) -> str:
 
 ERROR_CLASSES: dict[str, type[RemoteError]] = {
     cls.code: cls
-    for cls in (RemoteError, BadRequestError, ServerRefusedError, CacheFullError, SessionLengthError, ServerBusyError)
+    for cls in (
+        RemoteError,
+        BadRequestError,
+        ServerRefusedError,
+        CacheFullError,
+        SessionLengthError,
+        ServerBusyError,
+    )
 }
 
 

@@ -27,7 +27,10 @@ def encode_frame(message: Any, compression: str | None = None, version: int = WI
 
 
 async def write_message(
-    writer: asyncio.StreamWriter, message: Any, compression: str | None = None, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    writer: asyncio.StreamWriter,
+    message: Any,
+    compression: str | None = None,
+    max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> None:
     frame = encode_frame(message, compression)
     if len(frame) - HEADER.size > max_bytes:
@@ -49,7 +52,9 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
     header = await reader.readexactly(HEADER.size)
     length, version, kind = HEADER.unpack(header)
     if version != WIRE_VERSION:
-        raise ServerRefusedError(f"wire version {version} is not supported; this peer speaks version {WIRE_VERSION}")
+        raise ServerRefusedError(
+            f"wire version {version} is not supported; this peer speaks version {WIRE_VERSION}"
+        )
     if length > max_bytes:
         raise BadRequestError(f"message of {length} bytes is over the {max_bytes}-byte limit")
     try:

@@ -83,7 +83,9 @@ def decode_tensor(obj: object, max_bytes: int) -> torch.Tensor:
     if expected > max_bytes:
         raise BadRequestError(f"tensor of shape {shape} ({expected} bytes) exceeds the limit of {max_bytes} bytes")
     if len(data) != expected:
-        raise BadRequestError(f"tensor of shape {shape} and dtype {wire_name} needs {expected} bytes, got {len(data)}")
+        raise BadRequestError(
+            f"tensor of shape {shape} and dtype {wire_name} needs {expected} bytes, got {len(data)}"
+        )
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(bytearray(data), dtype=wire_dtype)

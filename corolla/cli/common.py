@@ -1,0 +1,80 @@
+"""Pieces every command line shares: logging to stderr, network flags, running a coroutine until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from corolla.swarm.node import NetworkConfig
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # hivemind logs through its own handlers; keep its chatter at warnings unless debugging
+    if level.upper() != "DEBUG":
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
+
+
+def flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, **kwargs: Any) -> None:
+    """Add ``--some_flag`` with a ``--some-flag`` alias (Petals spells flags with underscores)."""
+    names = [f"--{name}"]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*names, dest=name, **kwargs)
+
+
+def add_network_flags(parser: argparse.ArgumentParser, client: bool = False) -> None:
+    group = parser.add_argument_group("network")
+    flag(group, "initial_peers", nargs="*", default=[], metavar="MADDR",
+         help="multiaddrs of peers already in the swarm (what `corolla dht` printed)")  # fmt: skip
+    flag(group, "host_maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], metavar="MADDR",
+         help="multiaddrs to listen on (default: all interfaces, a random TCP port); "
+         "e.g. /ip4/0.0.0.0/tcp/31337 for a fixed port")  # fmt: skip
+    flag(group, "announce_maddrs", nargs="*", default=[], metavar="MADDR",
+         help="multiaddrs others should dial to reach this peer, e.g. your public IP and forwarded port")  # fmt: skip
+    flag(group, "identity_path", default=None, metavar="FILE",
+         help="private key file: keeps the same peer id across restarts (created if missing)")  # fmt: skip
+    flag(group, "no_nat_port_map", action="store_true", help="do not try UPnP/NAT-PMP port mapping")
+    flag(parser, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+
+
+def network_config(args: argparse.Namespace, client_mode: bool = False) -> NetworkConfig:
+    return NetworkConfig(
+        initial_peers=tuple(args.initial_peers),
+        host_maddrs=tuple(args.host_maddrs),
+        announce_maddrs=tuple(args.announce_maddrs),
+        identity_path=args.identity_path,
+        client_mode=client_mode,
+        nat_port_map=not args.no_nat_port_map,
+    )
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main(stop)`` in a fresh event loop; SIGINT/SIGTERM set ``stop`` (a second one exits at once)."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signame: str) -> None:
+            if stop.is_set():
+                logging.getLogger("corolla").warning("Second %s: exiting now", signame)
+                sys.exit(1)
+            logging.getLogger("corolla").info("Got %s, stopping", signame)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        await main(stop)
+
+    asyncio.run(runner())

@@ -1,0 +1,96 @@
+"""``corolla server MODEL``: host a span of a model's blocks for the swarm (Petals' flag names)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from corolla.cli.common import add_network_flags, flag, network_config, run_until_signal, setup_logging
+from corolla.server.config import CacheConfig, ServerConfig
+
+
+def _block_range(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END (END exclusive), got {text!r}") from None
+    return start, end
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="corolla server")
+    parser.description = (
+        "Serve a contiguous span of a model's transformer blocks to the swarm. MODEL is a local checkpoint "
+        "folder or a Hugging Face Hub repo id; only the hosted blocks' tensors are read (and downloaded)."
+    )
+    parser.add_argument("model", metavar="MODEL", help="local checkpoint folder or Hub repo id")
+    blocks = parser.add_mutually_exclusive_group()
+    flag(blocks, "num_blocks", type=int, default=None,
+         help="host this many consecutive blocks, placed where the swarm has the fewest servers")  # fmt: skip
+    flag(blocks, "block_indices", type=_block_range, default=None, metavar="START:END",
+         help="host exactly blocks START..END-1")  # fmt: skip
+    flag(parser, "dht_prefix", default=None,
+         help="name the model is announced under (default: the repo or folder name)")  # fmt: skip
+    flag(parser, "public_name", default="", help="a name shown to others (e.g. on the health dashboard)")
+    flag(parser, "device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
+    flag(parser, "torch_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+         help="dtype of the blocks and cache; auto = the checkpoint's dtype")  # fmt: skip
+    flag(parser, "revision", default=None, help="Hub revision (branch, tag or commit)")
+    flag(parser, "token", default=None, help="Hugging Face token for gated models (default: the saved login)")
+    flag(parser, "attn_cache_tokens", type=int, default=16384,
+         help="KV-cache budget in tokens per hosted block, shared by all sessions (default: %(default)s)")  # fmt: skip
+    flag(parser, "max_alloc_timeout", type=float, default=600,
+         help="seconds a session waits for cache space before failing with a cache-full error")  # fmt: skip
+    flag(parser, "inference_max_length", type=int, default=8192,
+         help="longest session (prompt + generated tokens) accepted")  # fmt: skip
+    flag(parser, "max_batch_size", type=int, default=8192, help="largest batch accepted per request")
+    flag(parser, "request_timeout", type=float, default=180,
+         help="seconds one forward or inference step may take before it fails")  # fmt: skip
+    flag(parser, "session_timeout", type=float, default=300,
+         help="an inference session idle for this many seconds is closed and its cache freed")  # fmt: skip
+    flag(parser, "update_period", type=float, default=30, help="seconds between DHT announcements")
+    flag(parser, "expiration", type=float, default=None,
+         help="seconds a DHT announcement lives (default: 2.5 x update_period)")  # fmt: skip
+    flag(parser, "num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_network_flags(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model=args.model,
+        network=network_config(args),
+        cache=CacheConfig(attn_cache_tokens=args.attn_cache_tokens, max_alloc_timeout=args.max_alloc_timeout),
+        block_indices=args.block_indices,
+        num_blocks=args.num_blocks,
+        dht_prefix=args.dht_prefix,
+        device=args.device,
+        torch_dtype=args.torch_dtype,
+        revision=args.revision,
+        token=args.token,
+        public_name=args.public_name,
+        inference_max_length=args.inference_max_length,
+        max_batch_size=args.max_batch_size,
+        request_timeout=args.request_timeout,
+        session_timeout=args.session_timeout,
+        update_period=args.update_period,
+        expiration=args.expiration,
+        num_threads=args.num_threads,
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    setup_logging(args.log_level)
+    config = config_from_args(args)
+    from corolla.server.server import Server  # heavy imports (torch, transformers) only when serving
+
+    server = Server(config)
+    run_until_signal(server.run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(build_parser().parse_args(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Client settings: where the swarm is, and the resilience policy (deadlines, bans, retries, waits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    initial_peers: tuple[str, ...] = ()
+    dht_prefix: str | None = None
+    #: Bounded wait for blocks that no usable server hosts before raising MissingBlocksError.
+    missing_blocks_timeout: float = 60.0
+    #: A step's deadline is max(step_timeout_floor, step_timeout_factor x the step time expected from the
+    #: server's measured history); past it the server is pinged, and banned if the ping fails.
+    step_timeout_floor: float = 0.5
+    step_timeout_factor: float = 5.0
+    ping_timeout: float = 1.0
+    #: How long a failed server is avoided; doubles on each repeated failure, up to max_ban_timeout.
+    ban_timeout: float = 15.0
+    max_ban_timeout: float = 300.0
+    #: Failures tolerated in one call before ChainFailedError (None: keep trying until the missing-blocks wait
+    #: runs out).
+    max_retries: int | None = None
+    #: Backoff between attempts when nothing usable is left.
+    min_backoff: float = 0.25
+    max_backoff: float = 5.0
+    #: Longest a forward call or a step of a live (answering pings) server may take.
+    request_timeout: float = 180.0
+    #: Re-read the DHT at most this often, unless a failure forces it.
+    update_period: float = 30.0
+    #: Largest message sent; larger batches and replays are split.
+    max_message_bytes: int = 64 * 1024 * 1024
+    #: Log every planned route at INFO (otherwise DEBUG).
+    show_route: bool = False
+    #: Where the client's libp2p daemon listens (a client needs no public address).
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)

@@ -1,0 +1,219 @@
+"""An inference session through the swarm, with failover that the caller never sees.
+
+The session keeps, for every hop of its chain, the hidden states it sent that hop, plus the position
+ids and masks of every step. When a hop fails (EOF from a dead server, an error, or a missed deadline
+followed by a failed ping), the server is banned, a new chain is planned for that hop's blocks only,
+the hop's input history is replayed through the new servers to rebuild their KV caches, and the
+current step goes on from there. Downstream hops are untouched, so with greedy decoding the output is
+the same as without the failure.
+
+Deadlines: a step's deadline is ``max(floor, factor x expected step time)``, the expectation coming
+from this hop's measured steps (or the server's announced latency before any). A missed deadline
+alone does not condemn a server: it is pinged, and only a failed ping bans it; a slow but live server
+is waited for, up to ``request_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import torch
+
+from corolla.client.routing import DEFAULT_LATENCY, DEFAULT_RTT, Hop, format_route
+from corolla.swarm.transport import Connection
+from corolla.wire.errors import SessionLengthError
+from corolla.wire.messages import InferenceOpen, InferenceOpened, InferenceStep, InferenceStepResult
+from corolla.wire.tensors import FLOAT_COMPRESSIONS
+
+logger = logging.getLogger(__name__)
+
+
+class UnresponsiveServerError(TimeoutError):
+    """A server missed its deadline and did not answer a ping."""
+
+
+class _HopSession:
+    """One server's part of the chain: an open stream, its expected speed, and its input history."""
+
+    def __init__(
+        self, hop: Hop, conn: Connection, compression: str | None, expected_token_time: float, rtt: float
+    ):
+        self.hop, self.conn, self.compression = hop, conn, compression
+        self.history: list[torch.Tensor] = []
+        self.token_time = expected_token_time  # EMA of seconds per token in multi-token steps
+        self.step_time = expected_token_time + rtt  # EMA of seconds per one-token step
+
+    def expected(self, tokens: int) -> float:
+        return max(self.step_time, self.token_time * tokens)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens == 1:
+            self.step_time = 0.7 * self.step_time + 0.3 * seconds
+        else:
+            self.token_time = 0.7 * self.token_time + 0.3 * seconds / tokens
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class InferenceSession:
+    """KV caches for one batch of sequences on a chain of servers. Opened lazily on the first step."""
+
+    def __init__(self, manager: Any, max_length: int):
+        self.manager, self.max_length = manager, max_length
+        self._hops: list[_HopSession] = []
+        self._positions: list[torch.Tensor] = []
+        self._masks: list[torch.Tensor] = []
+        self._position = 0
+        self._batch_size: int | None = None
+        self.closed = False
+        self.failovers = 0
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self._hops]
+
+    def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
+        if self._position + hidden.shape[1] > self.max_length:
+            raise SessionLengthError(
+                f"the session would hold {self._position + hidden.shape[1]} tokens, over its max_length "
+                f"{self.max_length}; open the session with a larger max_length"
+            )
+        if self._batch_size is not None and hidden.shape[0] != self._batch_size:
+            raise ValueError(f"this session's batch size is {self._batch_size}, got {hidden.shape[0]}")
+        return self.manager.bridge.run(
+            self._step(hidden, positions.to(torch.int64), attention_mask.to(torch.bool))
+        )
+
+    async def _step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not self._hops:
+            self._batch_size = hidden.shape[0]
+            self._hops = await self._open_chain(0, self.manager.num_blocks, None)
+        x, i, failures = hidden, 0, 0
+        while i < len(self._hops):
+            hop = self._hops[i]
+            try:
+                y = await self._hop_step(hop, x, positions, mask)
+            except Exception as e:
+                failures += 1
+                hop.close()
+                self.manager.note_failure(hop.hop.peer_id, e, failures)
+                self._hops[i : i + 1] = await self._open_chain(hop.hop.start, hop.hop.end, hop.history)
+                self.failovers += 1
+                continue
+            hop.history.append(x)
+            x, i = y, i + 1
+        self._positions.append(positions)
+        self._masks.append(mask)
+        self._position += hidden.shape[1]
+        return x.to(hidden.dtype)
+
+    async def _hop_step(self, hop: _HopSession, x, positions, mask) -> torch.Tensor:
+        tokens = x.shape[1]
+        t0 = time.perf_counter()
+        await hop.conn.send(InferenceStep(self._position, x, positions, mask), hop.compression)
+        result = await self._await_alive(hop, hop.conn.recv(InferenceStepResult), hop.expected(tokens))
+        hop.observe(tokens, time.perf_counter() - t0)
+        return result.hidden
+
+    async def _await_alive(self, hop: _HopSession, coro, expected: float):
+        """Await ``coro``; past each deadline, ping the server and give up only if it does not answer."""
+        cfg = self.manager.config
+        task = asyncio.ensure_future(coro)
+        deadline = max(cfg.step_timeout_floor, cfg.step_timeout_factor * expected)
+        waited = 0.0
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=deadline)
+                if done:
+                    return task.result()
+                waited += deadline
+                if waited >= cfg.request_timeout:
+                    raise TimeoutError(f"server {hop.hop.peer_id} took over {waited:.0f} s")
+                if await self.manager.ping(hop.hop.peer_id) is None:
+                    raise UnresponsiveServerError(f"no reply in {waited:.2f} s and no answer to a ping")
+                logger.debug("Server %s is slow but alive (%.1f s so far)", hop.hop.peer_id, waited)
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _open_chain(self, start: int, end: int, history: list[torch.Tensor] | None) -> list[_HopSession]:
+        """Open sessions covering [start, end) and replay ``history`` (that span's inputs) into them."""
+        failures = 0
+        while True:
+            route = await self.manager.make_route(start, end)
+            opened: list[_HopSession] = []
+            try:
+                x = torch.cat(history, dim=1) if history else None
+                for hop in route:
+                    session = await self._open_hop(hop)
+                    opened.append(session)
+                    if x is not None:
+                        y = await self._replay(session, x)
+                        session.history = [x]
+                        x = y
+            except Exception as e:
+                for session in opened:
+                    session.close()
+                failures += 1
+                self.manager.note_failure(hop.peer_id, e, failures)
+                continue
+            verb = "Replaced" if history is not None else "Opened"
+            logger.info("%s the chain for blocks [%d, %d): %s", verb, start, end, format_route(route))
+            return opened
+
+    async def _open_hop(self, hop: Hop) -> _HopSession:
+        manager = self.manager
+        conn = await Connection.open(manager.node.p2p, hop.peer_id, manager.config.max_message_bytes)
+        try:
+            await conn.send(InferenceOpen(manager.model, hop.start, hop.end, self.max_length, self._batch_size))
+            info = manager.spans[hop.peer_id].info if hop.peer_id in manager.spans else None
+            latency = info.inference_latency if info and info.inference_latency > 0 else DEFAULT_LATENCY
+            expected = latency * (hop.end - hop.start)
+            rtt = manager.rtts.get(hop.peer_id, DEFAULT_RTT)
+            session = _HopSession(hop, conn, None, expected, rtt)
+            opened = await self._await_alive(session, conn.recv(InferenceOpened), expected + rtt)
+        except BaseException:
+            conn.close()
+            raise
+        session.compression = opened.dtype if opened.dtype in FLOAT_COMPRESSIONS else None
+        return session
+
+    async def _replay(self, session: _HopSession, x: torch.Tensor) -> torch.Tensor:
+        """Send the whole history to a fresh server, in chunks that fit a message; returns its outputs."""
+        positions, mask = torch.cat(self._positions, dim=1), torch.cat(self._masks, dim=1)
+        per_token = x.shape[0] * x.shape[2] * x.element_size()
+        chunk = max(1, self.manager.config.max_message_bytes // 2 // per_token)
+        outputs = []
+        for begin in range(0, x.shape[1], chunk):
+            sl = slice(begin, begin + chunk)
+            await session.conn.send(
+                InferenceStep(begin, x[:, sl], positions[:, sl], mask[:, sl]), session.compression
+            )
+            expected = session.expected(x[:, sl].shape[1])
+            result = await self._await_alive(session, session.conn.recv(InferenceStepResult), expected)
+            outputs.append(result.hidden.to(x.dtype))
+        return torch.cat(outputs, dim=1)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for hop in self._hops:
+            self.manager.bridge.loop.call_soon_threadsafe(hop.close)
+        self._hops = []
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

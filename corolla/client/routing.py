@@ -1,0 +1,99 @@
+"""Route planning: which servers carry blocks [start, end). Pure functions of data, no I/O.
+
+A route is a chain of hops, each a server and the sub-span of its blocks it runs. The min-latency
+planner is a shortest path over block boundaries: from boundary ``i`` a server whose span covers block
+``i`` can take the chain to any boundary ``j`` up to its span's end, at a cost of its round-trip time
+plus ``(j - i)`` times its announced compute seconds per block. Every edge moves forward, so one pass
+over the boundaries in order solves it exactly (no priority queue). Prefixes of spans are edges too,
+so a route may switch servers mid-span when that is faster. Ties go to the fewest hops, then to the
+lexicographically smallest peer id, so the same inputs always give the same route.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from corolla.swarm.spans import RemoteSpanInfo
+
+#: Assumed round-trip time of a server whose RTT has not been measured.
+DEFAULT_RTT = 0.05
+#: Assumed seconds per token per block of a server that announced no measurement.
+DEFAULT_LATENCY = 0.01
+
+
+@dataclass(frozen=True)
+class Hop:
+    peer_id: str
+    start: int
+    end: int
+
+
+def uncovered_blocks(spans: Iterable[RemoteSpanInfo], start: int, end: int) -> list[int]:
+    covered = set()
+    for span in spans:
+        covered.update(range(max(span.start, start), min(span.end, end)))
+    return [b for b in range(start, end) if b not in covered]
+
+
+def plan_min_latency(
+    spans: Iterable[RemoteSpanInfo],
+    start: int,
+    end: int,
+    rtts: Mapping[str, float] | None = None,
+    tokens: int = 1,
+) -> list[Hop] | None:
+    """The fastest chain over [start, end) for a step of ``tokens`` tokens, or None if some block is uncovered."""
+    if not 0 <= start < end:
+        raise ValueError(f"bad block range [{start}, {end})")
+    rtts = rtts or {}
+    spans = sorted(spans, key=lambda s: s.peer_id)
+    # best[i] = (cost, hops, previous boundary, peer) for reaching boundary i
+    best: list[tuple[float, int, int, str] | None] = [None] * (end + 1)
+    best[start] = (0.0, 0, -1, "")
+    for i in range(start, end):
+        if best[i] is None:
+            continue
+        cost_i, hops_i = best[i][0], best[i][1]
+        for span in spans:
+            if not span.start <= i < span.end:
+                continue
+            latency = span.info.inference_latency if span.info.inference_latency > 0 else DEFAULT_LATENCY
+            rtt = rtts.get(span.peer_id, DEFAULT_RTT)
+            for j in range(i + 1, min(span.end, end) + 1):
+                candidate = (cost_i + rtt + (j - i) * latency * tokens, hops_i + 1, i, span.peer_id)
+                current = best[j]
+                if current is None or _better(candidate, current):
+                    best[j] = candidate
+    if best[end] is None:
+        return None
+    hops: list[Hop] = []
+    j = end
+    while j != start:
+        _, _, i, peer = best[j]
+        hops.append(Hop(peer, i, j))
+        j = i
+    return hops[::-1]
+
+
+def _better(a: tuple[float, int, int, str], b: tuple[float, int, int, str]) -> bool:
+    # costs within a relative epsilon count as equal, so float noise does not flip routes
+    if not math.isclose(a[0], b[0], rel_tol=1e-9, abs_tol=1e-12):
+        return a[0] < b[0]
+    return (a[1], a[3]) < (b[1], b[3])
+
+
+def route_cost(route: list[Hop], spans: Mapping[str, RemoteSpanInfo], rtts: Mapping[str, float]) -> float:
+    """Expected seconds per one-token step along ``route``."""
+    total = 0.0
+    for hop in route:
+        info = spans[hop.peer_id].info
+        latency = info.inference_latency if info.inference_latency > 0 else DEFAULT_LATENCY
+        total += rtts.get(hop.peer_id, DEFAULT_RTT) + (hop.end - hop.start) * latency
+    return total
+
+
+def format_route(route: list[Hop], names: Mapping[str, str] | None = None) -> str:
+    names = names or {}
+    return " -> ".join(f"[{h.start}:{h.end}) on {names.get(h.peer_id) or h.peer_id[-8:]}" for h in route)

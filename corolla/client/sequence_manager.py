@@ -1,0 +1,232 @@
+"""The client's view of the swarm: which servers serve which blocks, how fast, and whom to avoid.
+
+``RemoteSequenceManager`` reads ServerInfo records from the DHT (rate-limited, or at once after a
+failure), drops servers of another model or wire version (saying why), measures round-trip times
+with pings, keeps the ban list (one policy: exponential ban times, bounded retries, backoff while
+nothing usable is left), and plans routes with :mod:`corolla.client.routing`. It is the real
+:class:`~corolla.client.chain.RemoteChain`: ``forward`` runs whole sequences through the chain and
+``open_session`` returns an :class:`~corolla.client.inference_session.InferenceSession`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+
+from corolla.client.bridge import LoopThread
+from corolla.client.config import ClientConfig
+from corolla.client.routing import Hop, format_route, plan_min_latency, uncovered_blocks
+from corolla.swarm.discovery import fetch_block_infos
+from corolla.swarm.node import NetworkConfig, SwarmNode
+from corolla.swarm.spans import RemoteSpanInfo, compute_spans
+from corolla.swarm.transport import call
+from corolla.wire.errors import (
+    BadRequestError,
+    CacheFullError,
+    ChainFailedError,
+    MissingBlocksError,
+    SessionLengthError,
+)
+from corolla.wire.messages import ForwardRequest, ForwardResponse, ModelRef, PingRequest, PingResponse
+from corolla.wire.records import WIRE_VERSION
+
+logger = logging.getLogger(__name__)
+
+#: Errors that are the caller's to fix: never retried on another server.
+FATAL_ERRORS = (BadRequestError, SessionLengthError, CacheFullError, MissingBlocksError, ChainFailedError)
+
+
+class RemoteSequenceManager:
+    def __init__(
+        self, config: ClientConfig, model: ModelRef, num_blocks: int, node: SwarmNode, bridge: LoopThread
+    ):
+        self.config, self.model, self.num_blocks = config, model, num_blocks
+        self.node, self.bridge = node, bridge
+        self.spans: dict[str, RemoteSpanInfo] = {}
+        self.refused: dict[str, str] = {}  # peer -> why we do not use it
+        self.rtts: dict[str, float] = {}
+        self._bans: dict[str, tuple[float, int]] = {}  # peer -> (banned until, times banned)
+        self._updated_at = -math.inf
+        self._update_lock = asyncio.Lock()
+
+    @classmethod
+    def from_pretrained_args(
+        cls, *, model_ref: str, config: Any, initial_peers=None, dht_prefix: str | None = None, **options: Any
+    ) -> RemoteSequenceManager:
+        from corolla.models.checkpoint import config_hash, default_dht_prefix
+
+        cfg = ClientConfig(initial_peers=tuple(initial_peers or ()), dht_prefix=dht_prefix, **options)
+        model = ModelRef(dht_prefix or default_dht_prefix(model_ref), config_hash(config))
+        network = NetworkConfig(
+            initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs, client_mode=True, nat_port_map=False
+        )
+        bridge = LoopThread()
+        try:
+            node = bridge.run(SwarmNode.start(network))
+        except BaseException:
+            bridge.shutdown()
+            raise
+        return cls(cfg, model, config.num_hidden_layers, node, bridge)
+
+    # --- swarm state -------------------------------------------------------------------------------
+
+    async def update(self, force: bool = False) -> None:
+        async with self._update_lock:
+            if not force and time.monotonic() - self._updated_at < self.config.update_period:
+                return
+            infos = await fetch_block_infos(self.node.dht, self.model.dht_prefix, self.num_blocks)
+            spans = compute_spans(infos)
+            usable = {}
+            for peer, span in spans.items():
+                reason = self._refusal(span)
+                if reason is None:
+                    usable[peer] = span
+                elif self.refused.get(peer) != reason:
+                    logger.warning("Not using server %s: %s", peer, reason)
+                    self.refused[peer] = reason
+            self.spans = usable
+            self._updated_at = time.monotonic()
+
+    def _refusal(self, span: RemoteSpanInfo) -> str | None:
+        if span.info.wire_version != WIRE_VERSION:
+            return f"it speaks wire version {span.info.wire_version}, this client speaks {WIRE_VERSION}"
+        if span.info.config_hash != self.model.config_hash:
+            return (
+                f"its model config hash {span.info.config_hash[:12]} differs from this client's "
+                f"{self.model.config_hash[:12]} (a different model under the same name)"
+            )
+        return None
+
+    def is_banned(self, peer: str) -> bool:
+        entry = self._bans.get(peer)
+        return entry is not None and entry[0] > time.monotonic()
+
+    def ban(self, peer: str, reason: object) -> None:
+        _, count = self._bans.get(peer, (0.0, 0))
+        duration = min(self.config.ban_timeout * 2**count, self.config.max_ban_timeout)
+        self._bans[peer] = (time.monotonic() + duration, count + 1)
+        self.rtts.pop(peer, None)
+        logger.warning("Avoiding server %s for %.0f s: %s", peer, duration, reason or type(reason).__name__)
+
+    async def ping(self, peer: str, timeout: float | None = None) -> float | None:
+        """Round-trip time to ``peer`` in seconds, or None if it did not answer in time."""
+        t0 = time.perf_counter()
+        try:
+            await call(self.node.p2p, peer, PingRequest(), PingResponse, timeout or self.config.ping_timeout)
+        except Exception as e:  # dial failure, EOF, timeout: all mean "not answering"
+            logger.debug("Ping to %s failed: %r", peer, e)
+            return None
+        return time.perf_counter() - t0
+
+    async def _measure_rtts(self, peers: list[str]) -> None:
+        todo = [p for p in peers if p not in self.rtts]
+        results = await asyncio.gather(*(self.ping(p) for p in todo))
+        for peer, rtt in zip(todo, results):
+            if rtt is None:
+                self.ban(peer, "did not answer a ping")
+            else:
+                self.rtts[peer] = rtt
+
+    # --- routing -----------------------------------------------------------------------------------
+
+    async def make_route(self, start: int, end: int) -> list[Hop]:
+        """A min-latency chain over [start, end), waiting (bounded) for blocks nobody usable serves."""
+        deadline = time.monotonic() + self.config.missing_blocks_timeout
+        backoff = self.config.min_backoff
+        force = False
+        while True:
+            await self.update(force=force)
+            usable = [s for s in self.spans.values() if not self.is_banned(s.peer_id)]
+            await self._measure_rtts([s.peer_id for s in usable])
+            usable = [s for s in usable if not self.is_banned(s.peer_id)]
+            route = plan_min_latency(usable, start, end, self.rtts)
+            if route is not None:
+                log = logger.info if self.config.show_route else logger.debug
+                log("Route for blocks [%d, %d): %s", start, end, format_route(route, self._names()))
+                return route
+            missing = uncovered_blocks(usable, start, end)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MissingBlocksError(
+                    missing, self.model.dht_prefix, self.config.missing_blocks_timeout, self._why()
+                )
+            banned = sorted(p for p in self.spans if self.is_banned(p))
+            logger.warning(
+                "No usable server for blocks %s (%d banned); retrying in %.1f s", missing, len(banned), backoff
+            )
+            await asyncio.sleep(min(backoff, remaining))
+            backoff = min(backoff * 2, self.config.max_backoff)
+            force = True
+
+    def _names(self) -> dict[str, str]:
+        return {p: s.info.public_name for p, s in self.spans.items() if s.info.public_name}
+
+    def _why(self) -> str:
+        reasons = [f"server {p}: {r}" for p, r in self.refused.items()]
+        banned = [p for p in self.spans if self.is_banned(p)]
+        if banned:
+            reasons.append(f"{len(banned)} server(s) failed recently and are avoided")
+        return "; ".join(reasons)
+
+    def show_route(self, start: int = 0, end: int | None = None) -> str:
+        """The chain a new inference session would use now, as text (also logged)."""
+        route = self.bridge.run(self.make_route(start, self.num_blocks if end is None else end))
+        text = format_route(route, self._names())
+        logger.info("Route: %s", text)
+        return text
+
+    def note_failure(self, peer: str, error: BaseException, failures: int) -> None:
+        """One policy for every call: fatal errors propagate, others ban the server and count a retry."""
+        if isinstance(error, FATAL_ERRORS):
+            raise error
+        self.ban(peer, repr(error))
+        if self.config.max_retries is not None and failures > self.config.max_retries:
+            raise ChainFailedError(f"gave up after {failures} failures; last: {error!r}") from error
+
+    # --- calls -------------------------------------------------------------------------------------
+
+    def forward(self, hidden, positions, attention_mask, start: int = 0, end: int | None = None) -> torch.Tensor:
+        end = self.num_blocks if end is None else end
+        rows = max(1, self.config.max_message_bytes // 2 // max(1, hidden[0].numel() * 4))
+        outputs = [
+            self.bridge.run(
+                self._forward(
+                    hidden[i : i + rows], positions[i : i + rows], attention_mask[i : i + rows], start, end
+                )
+            )  # fmt: skip
+            for i in range(0, hidden.shape[0], rows)
+        ]
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    async def _forward(self, hidden, positions, mask, start: int, end: int) -> torch.Tensor:
+        block, x, failures = start, hidden, 0
+        while block < end:
+            hop = (await self.make_route(block, end))[0]
+            request = ForwardRequest(self.model, hop.start, hop.end, x, positions, mask)
+            try:
+                response = await call(
+                    self.node.p2p, hop.peer_id, request, ForwardResponse, self.config.request_timeout,
+                    max_bytes=self.config.max_message_bytes,
+                )  # fmt: skip
+            except Exception as e:
+                failures += 1
+                self.note_failure(hop.peer_id, e, failures)
+                continue
+            x, block = response.hidden.to(hidden.dtype), hop.end
+        return x
+
+    def open_session(self, max_length: int):
+        from corolla.client.inference_session import InferenceSession
+
+        return InferenceSession(self, max_length)
+
+    def shutdown(self) -> None:
+        try:
+            self.bridge.run(self.node.shutdown(), timeout=10)
+        finally:
+            self.bridge.shutdown()
