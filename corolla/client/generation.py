@@ -1,0 +1,229 @@
+"""Client-side generation sessions: the token history of one conversation on top of a `ChainSession`.
+
+A `ChainSession` (the swarm's, or `LocalChain`'s) owns the server-side KV caches and knows only how
+many tokens they hold (`position`). A `GenerationSession` adds what the HF-compatible model needs to
+drive it from transformers' `generate`:
+
+- **The token history.** `input_ids` / `attention_mask` hold every token of the conversation known so
+  far, including the last generated token, which is sampled but not yet sent to the chain (it is sent
+  as the first token of the next step). Multi-turn generation concatenates this history with the new
+  tokens, so transformers sees exactly the sequence a one-shot call would see.
+- **Which tokens are new.** transformers' generate runs with `use_cache=False` and passes the full
+  sequence at every step; only the tokens past `position` go to the chain. A user stepping by hand may
+  instead pass only the new tokens. `prepare_step` tells the two apart: the input is the full history
+  when its first `position` ids equal the ids already sent (or when the caller says so); otherwise the
+  given tokens are new and any pending (known but unsent) tokens are sent before them.
+- **Position ids.** When the caller gives none, a real token's position is the number of real tokens
+  before it in its row and padding gets 0: the rule transformers' generate uses
+  (`attention_mask.cumsum(-1) - 1`, padding filled with 0). Without padding this is `position + i`, the
+  positions `LlamaModel.forward` gives a cached step, so hand-stepped and generated sessions agree.
+- **Overflow** of `max_length` raises `SessionLengthError` before anything is sent.
+
+`next_positions` is pure and unit-tested through the model tests. A session is activated on its owner
+model with `with session:` (closing it on exit); sessions are per thread (see `model.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from corolla.client.chain import ChainSession
+
+__all__ = ["GenerationSession", "PreparedStep", "SessionLengthError", "next_positions"]
+
+
+class SessionLengthError(ValueError):
+    """A step would take an inference session past the `max_length` it was opened with."""
+
+
+def next_positions(prior_mask: torch.Tensor | None, new_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of new tokens: real tokens before them in the row; padding gets 0."""
+    new_mask = new_mask.long()
+    base = 0 if prior_mask is None else prior_mask.long().sum(-1, keepdim=True)
+    positions = base + new_mask.cumsum(-1) - 1
+    return positions.masked_fill(new_mask == 0, 0)
+
+
+@dataclass
+class PreparedStep:
+    """What one forward sends to the chain: T new tokens, and how many trailing outputs the caller wants."""
+
+    hidden: torch.Tensor  # [B, T, H]
+    positions: torch.Tensor  # [B, T] int64
+    mask: torch.Tensor  # [B, T] long, 1 = real token
+    ids: torch.Tensor | None  # [B, T] when the new tokens' ids are known
+    num_outputs: int  # logits are returned for the last `num_outputs` of the T tokens
+
+
+class GenerationSession:
+    """Token history + a `ChainSession`; a context manager that makes itself the owner's active session."""
+
+    def __init__(self, chain_session: ChainSession, max_length: int, owner=None):
+        self.chain_session, self.max_length, self.owner = chain_session, max_length, owner
+        self.input_ids: torch.Tensor | None = None  # [B, N] every known token (None if fed embeddings)
+        self.attention_mask: torch.Tensor | None = None  # [B, N] long
+        self.length = 0  # N, known tokens (sent + pending)
+        self.full_history: bool | None = None  # set by generate: inputs are always the whole sequence
+        self.closed = False
+
+    @property
+    def position(self) -> int:
+        """Tokens held by the server-side caches (the offset of the next step)."""
+        return self.chain_session.position
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.attention_mask is None else self.attention_mask.shape[0]
+
+    def __enter__(self) -> GenerationSession:
+        if self.owner is not None:
+            self.owner.activate_session(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owner is not None:
+            self.owner.deactivate_session(self)
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.chain_session.close()
+
+    def history_with(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The conversation so far followed by `input_ids` (new tokens only), with its attention mask."""
+        if self.length == 0:
+            return input_ids, attention_mask
+        if self.input_ids is None:
+            raise ValueError("this session was fed embeddings, so its token history is unknown; use forward()")
+        if input_ids is None:
+            return self.input_ids, self.attention_mask
+        self._check_batch(input_ids.shape[0])
+        new_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+        if new_mask.shape[1] == self.length + input_ids.shape[1]:  # HF convention: mask covers the history too
+            new_mask = new_mask[:, self.length :]
+        ids = torch.cat([self.input_ids.to(input_ids.device), input_ids], dim=1)
+        return ids, torch.cat([self.attention_mask.to(new_mask.device), new_mask.long()], dim=1)
+
+    def record_output(self, sequences: torch.Tensor) -> None:
+        """After generate: `sequences` (history + generated) become the known tokens; the last one is pending.
+
+        Tokens generated after a row finished are padding ids that transformers still attends to (its mask
+        grows by ones), so the unsent tokens get mask 1 here too.
+        """
+        sequences = sequences.cpu()
+        if self.attention_mask is None:
+            mask = torch.ones_like(sequences)
+        else:
+            unsent = sequences.new_ones(sequences.shape[0], sequences.shape[1] - self.attention_mask.shape[1])
+            mask = torch.cat([self.attention_mask, unsent], dim=1)
+        self.input_ids, self.attention_mask, self.length = sequences, mask, sequences.shape[1]
+
+    def prepare_step(
+        self,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        full_history: bool | None = None,
+    ) -> PreparedStep:
+        """Select the tokens of this forward that the chain has not seen (see the module docstring)."""
+        given = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+        self._check_batch(input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0])
+        is_full = self._is_full_history(input_ids, given) if full_history is None else full_history
+        if is_full:
+            return self._full_step(embed, input_ids, inputs_embeds, attention_mask, position_ids, given)
+        return self._new_step(embed, input_ids, inputs_embeds, attention_mask, position_ids, given)
+
+    def _is_full_history(self, input_ids: torch.Tensor | None, given: int) -> bool:
+        sent = self.position
+        if input_ids is None or self.input_ids is None or given <= sent:
+            return sent == 0
+        return bool(torch.equal(input_ids[:, :sent].cpu(), self.input_ids[:, :sent]))
+
+    def _full_step(self, embed, input_ids, inputs_embeds, attention_mask, position_ids, given) -> PreparedStep:
+        sent, inputs = self.position, (input_ids if input_ids is not None else inputs_embeds)
+        if given <= sent:
+            raise ValueError(f"no new tokens: the session already holds {sent} tokens and got {given}")
+        if sent and input_ids is not None and self.input_ids is not None:
+            if not torch.equal(input_ids[:, :sent].cpu(), self.input_ids[:, :sent]):
+                raise RuntimeError(
+                    "the sequence no longer starts with the tokens this session sent (beam search or a rewritten "
+                    "history?); corolla keeps the caches on the servers and cannot reorder them"
+                )
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+        mask = attention_mask[:, sent:].long()
+        hidden = embed(input_ids[:, sent:]) if inputs_embeds is None else inputs_embeds[:, sent:]
+        if position_ids is not None:
+            positions = position_ids.expand(inputs.shape[0], -1)[:, sent:]
+        else:
+            positions = next_positions(attention_mask[:, :sent], mask)
+        ids = None if input_ids is None else input_ids[:, sent:]
+        return PreparedStep(hidden, positions, mask, ids, given - sent)
+
+    def _new_step(self, embed, input_ids, inputs_embeds, attention_mask, position_ids, given) -> PreparedStep:
+        sent, inputs = self.position, (input_ids if input_ids is not None else inputs_embeds)
+        pending = self.length - sent
+        if pending and self.input_ids is None:
+            raise ValueError("the session has pending tokens of unknown ids; pass the full history")
+        if attention_mask is None:
+            mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+        elif attention_mask.shape[1] in (given, self.length + given):  # new tokens, or HF's whole-history mask
+            mask = attention_mask[:, -given:].long()
+        else:
+            raise ValueError(
+                f"attention_mask of length {attention_mask.shape[1]} fits neither the {given} new tokens nor "
+                f"the {self.length + given} tokens of the whole history"
+            )
+        hidden = embed(input_ids) if inputs_embeds is None else inputs_embeds
+        ids = input_ids
+        if pending:  # the last generated token was sampled but not sent yet: it goes first
+            pending_ids = self.input_ids[:, sent:].to(inputs.device)
+            hidden = torch.cat([embed(pending_ids), hidden], dim=1)
+            mask = torch.cat([self.attention_mask[:, sent:].to(inputs.device), mask], dim=1)
+            ids = None if input_ids is None else torch.cat([pending_ids, input_ids], dim=1)
+        prior_mask = None if self.attention_mask is None else self.attention_mask[:, :sent].to(inputs.device)
+        positions = next_positions(prior_mask, mask)
+        if position_ids is not None:
+            positions[:, pending:] = position_ids.expand(inputs.shape[0], -1)[:, -given:]
+        return PreparedStep(hidden, positions, mask, ids, given)
+
+    def step(self, prepared: PreparedStep) -> torch.Tensor:
+        """Send the prepared tokens through the chain; returns the chain's output [B, T, H]."""
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
+        sent, tokens = self.position, prepared.hidden.shape[1]
+        if sent + tokens > self.max_length:
+            raise SessionLengthError(
+                f"inference session max_length={self.max_length} exceeded: it holds {sent} tokens and got "
+                f"{tokens} more; open it with a larger max_length"
+            )
+        out = self.chain_session.step(
+            prepared.hidden.cpu(), prepared.positions.cpu().long(), prepared.mask.cpu().bool()
+        )
+        self._append(sent, prepared)
+        return out.to(prepared.hidden.device)
+
+    def _append(self, sent: int, prepared: PreparedStep) -> None:
+        """The sent tokens are now the history; anything pending was sent with them."""
+        mask = prepared.mask.cpu().long()
+        prior_mask = None if self.attention_mask is None else self.attention_mask[:, :sent]
+        prior_ids = None if self.input_ids is None else self.input_ids[:, :sent]
+        self.attention_mask = mask if not sent else torch.cat([prior_mask, mask], dim=1)
+        if prepared.ids is None or (sent and prior_ids is None):
+            self.input_ids = None
+        else:
+            ids = prepared.ids.cpu()
+            self.input_ids = ids if not sent else torch.cat([prior_ids, ids], dim=1)
+        self.length = self.attention_mask.shape[1]
+
+    def _check_batch(self, batch: int) -> None:
+        if self.batch_size is not None and batch != self.batch_size:
+            raise ValueError(f"this session holds a batch of {self.batch_size} sequences, got {batch}")

@@ -1,0 +1,360 @@
+"""The HF-compatible client models: `AutoDistributedModelForCausalLM`, `DistributedLlamaForCausalLM`, ...
+
+A Petals script runs after replacing `petals` with `corolla`. The client holds only the embeddings, the
+final norm and the LM head (`ClientHead`); the blocks are a `RemoteChain` behind `model.model.layers`
+(a `RemoteSequential`).
+
+Decisions:
+
+- **transformers' own generate.** The classes subclass `PreTrainedModel` + `GenerationMixin` and do not
+  re-implement sampling, logits processors, stopping criteria or streamers. `generate` runs transformers'
+  generate with `use_cache=False`, so transformers passes the whole sequence (and its position ids and
+  attention mask) at every step and keeps no cache of its own; `forward`, inside a `GenerationSession`,
+  sends only the tokens the server-side caches have not seen. Position ids are transformers' (it derives
+  them from the attention mask: left padding gets the same positions as with `LlamaForCausalLM`), so
+  greedy output is token-exact with transformers on the same checkpoint. Beam search is refused: it
+  reorders sequences, and the caches live on the servers.
+- **Sessions as in Petals.** `model.inference_session(max_length=N)` opens one (a context manager that
+  also makes it the model's active session, per thread); `generate(..., session=s)` or a `generate`
+  inside `with model.inference_session(...)` continues a conversation: the caller passes only the new
+  tokens and gets back the whole history plus the generated tokens, and only new tokens go to the
+  chain. Without a session, `generate` opens one sized prompt + `max_new_tokens` (else `max_length`)
+  and closes it at the end. `model(input_ids)` inside an active session also steps it; see
+  `corolla.client.generation` for how full histories and new-token inputs are told apart.
+- **Without a session**, `forward` runs whole sequences through `chain.forward` (logits for every
+  position; positions 0..T-1 unless given, as `LlamaModel.forward`), with autograd through the chain.
+- **Loading.** `from_pretrained` reads only the client tensors (`ClientHead.load`), the generation
+  config (`generation_config.json`, else derived from the config), and connects the swarm through
+  `RemoteSequenceManager.from_pretrained_args`, imported only there; tests pass `chain=LocalChain(...)`.
+  Default dtype float32; `torch_dtype`/`dtype` (transformers 5's name) accept dtypes, names or "auto".
+- **Families** are registered by HF `model_type`; `AutoDistributedModelForCausalLM` reads `model_type`
+  from config.json and dispatches. A family is registered only if `corolla.models` supports it.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import (
+    GenerationConfig,
+    GenerationMixin,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from corolla.client.chain import RemoteChain
+from corolla.client.generation import GenerationSession
+from corolla.client.remote_sequential import RemoteSequential
+from corolla.models.checkpoint import Checkpoint, default_dht_prefix
+from corolla.models.client_head import ClientHead
+from corolla.models.registry import UnsupportedModelError, supported_model_types
+
+__all__ = [
+    "AutoDistributedModelForCausalLM",
+    "DistributedLlamaForCausalLM",
+    "DistributedMistralForCausalLM",
+    "DistributedModelForCausalLM",
+    "DistributedQwen2ForCausalLM",
+    "RemoteDecoderModel",
+    "register_model_class",
+]
+
+# from_pretrained options of transformers that mean nothing for a client holding only the head
+_IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "device_map", "trust_remote_code", "use_safetensors")
+
+
+class RemoteDecoderModel(nn.Module):
+    """`model.model`: embeddings, the remote blocks and the final norm (LlamaModel's layout)."""
+
+    def __init__(self, embed_tokens: nn.Embedding, layers: RemoteSequential, norm: nn.Module):
+        super().__init__()
+        self.embed_tokens, self.layers, self.norm = embed_tokens, layers, norm
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Whole sequences through every block, no cache; `last_hidden_state` is after the final norm."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.layers(hidden, attention_mask=attention_mask, position_ids=position_ids)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM whose blocks run on a `RemoteChain`; generation is transformers' `generate`."""
+
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+
+    def __init__(self, config, head: ClientHead, chain: RemoteChain):
+        super().__init__(config)
+        self.model = RemoteDecoderModel(head.embed_tokens, RemoteSequential(chain), head.norm)
+        self.lm_head = head.lm_head if head.lm_head is not None else _tied_lm_head(head.embed_tokens)
+        self._active_sessions: dict[int, list[GenerationSession]] = {}  # thread id -> stack
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name_or_path: str,
+        *,
+        initial_peers=None,
+        dht_prefix: str | None = None,
+        torch_dtype=None,
+        dtype=None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        chain: RemoteChain | None = None,
+        **client_options,
+    ) -> DistributedModelForCausalLM:
+        """Load the client head of a folder or Hub repo and connect it to the swarm (or to `chain`)."""
+        for name in _IGNORED_HF_OPTIONS:
+            client_options.pop(name, None)
+        token = client_options.pop("use_auth_token", token)
+        ref = str(model_name_or_path)
+        dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, ref, revision, token)
+        head = ClientHead.load(ref, dtype=dtype, revision=revision, token=token)
+        config = head.config
+        cls._check_model_type(config)
+        if chain is None:
+            from corolla.client.sequence_manager import RemoteSequenceManager
+
+            chain = RemoteSequenceManager.from_pretrained_args(
+                model_ref=ref,
+                config=config,
+                initial_peers=initial_peers,
+                dht_prefix=dht_prefix if dht_prefix is not None else default_dht_prefix(ref),
+                **client_options,
+            )
+        elif client_options:
+            raise TypeError(f"unexpected options with an explicit chain: {', '.join(sorted(client_options))}")
+        model = cls(config, head, chain)
+        model.generation_config = _load_generation_config(ref, config, revision, token)
+        return model.eval()
+
+    @classmethod
+    def _check_model_type(cls, config) -> None:
+        expected = getattr(cls.config_class, "model_type", None)
+        if expected and config.model_type != expected:
+            raise UnsupportedModelError(
+                f"{cls.__name__} is for model_type {expected!r}, the checkpoint is {config.model_type!r}; "
+                "use AutoDistributedModelForCausalLM"
+            )
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    # -- sessions ------------------------------------------------------------------------------------
+
+    def inference_session(self, max_length: int) -> GenerationSession:
+        """Open a session over every block for up to `max_length` tokens; use it as a context manager."""
+        return GenerationSession(self.model.layers.inference_session(max_length), max_length, owner=self)
+
+    @property
+    def active_session(self) -> GenerationSession | None:
+        """The innermost session activated in this thread (`with session:`), if any."""
+        stack = self._active_sessions.get(threading.get_ident())
+        return stack[-1] if stack else None
+
+    def activate_session(self, session: GenerationSession) -> None:
+        self._active_sessions.setdefault(threading.get_ident(), []).append(session)
+
+    def deactivate_session(self, session: GenerationSession) -> None:
+        stack = self._active_sessions.get(threading.get_ident(), [])
+        if session in stack:
+            stack.remove(session)
+        if not stack:
+            self._active_sessions.pop(threading.get_ident(), None)
+
+    @contextmanager
+    def _using_session(self, session: GenerationSession, full_history: bool | None):
+        self.activate_session(session)
+        previous, session.full_history = session.full_history, full_history
+        try:
+            yield session
+        finally:
+            session.full_history = previous
+            self.deactivate_session(session)
+
+    # -- forward and generate ------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits for every given position, or, in an active session, for the tokens it had not seen."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        session = self.active_session
+        if session is None:
+            hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds).last_hidden_state
+        else:
+            if labels is not None:
+                raise ValueError("labels are not supported inside an inference session; call the model outside it")
+            prepared = session.prepare_step(
+                self.model.embed_tokens,
+                input_ids,
+                inputs_embeds,
+                attention_mask,
+                position_ids,
+                session.full_history,
+            )
+            hidden = self.model.norm(session.step(prepared)[:, -prepared.num_outputs :])
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits)
+        return output if return_dict is not False else output.to_tuple()
+
+    def generate(
+        self, inputs: torch.Tensor | None = None, *args, session: GenerationSession | None = None, **kwargs
+    ):
+        """transformers' generate; in a session, `inputs` are the new tokens and the result the whole history."""
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or config.num_beams or 1) > 1:
+            raise NotImplementedError(
+                "beam search is not supported: it reorders sequences whose caches are remote"
+            )
+        session = session if session is not None else self.active_session
+        owned = session is None
+        if owned:
+            session = self.inference_session(self._session_length(input_ids, kwargs, config))
+        try:
+            input_ids, attention_mask = session.history_with(input_ids, kwargs.pop("attention_mask", None))
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask
+            kwargs["use_cache"] = False
+            with self._using_session(session, full_history=True if input_ids is not None else None):
+                result = super().generate(input_ids, *args, **kwargs)
+            if input_ids is not None:
+                session.record_output(result if isinstance(result, torch.Tensor) else result.sequences)
+            return result
+        finally:
+            if owned:
+                session.close()
+
+    @staticmethod
+    def _session_length(input_ids: torch.Tensor | None, kwargs: dict, config: GenerationConfig) -> int:
+        """Tokens a one-call session must hold: the prompt plus what generate may add."""
+        embeds = kwargs.get("inputs_embeds")
+        prompt = input_ids.shape[1] if input_ids is not None else embeds.shape[1] if embeds is not None else 1
+        if kwargs.get("max_new_tokens") is not None:
+            total = prompt + kwargs["max_new_tokens"]
+        elif kwargs.get("max_length") is not None:
+            total = kwargs["max_length"]
+        elif config.max_new_tokens is not None:
+            total = prompt + config.max_new_tokens
+        else:
+            total = config.max_length
+        return max(total, prompt + 1)
+
+
+class DistributedLlamaForCausalLM(DistributedModelForCausalLM):
+    config_class = LlamaConfig
+
+
+class DistributedMistralForCausalLM(DistributedModelForCausalLM):
+    config_class = MistralConfig
+
+
+class DistributedQwen2ForCausalLM(DistributedModelForCausalLM):
+    config_class = Qwen2Config
+
+
+MODEL_CLASSES: dict[str, type[DistributedModelForCausalLM]] = {}
+
+
+def register_model_class(cls: type[DistributedModelForCausalLM]) -> type[DistributedModelForCausalLM]:
+    """Make `AutoDistributedModelForCausalLM` use `cls` for its config class's `model_type`."""
+    MODEL_CLASSES[cls.config_class.model_type] = cls
+    return cls
+
+
+for _cls in (DistributedLlamaForCausalLM, DistributedMistralForCausalLM, DistributedQwen2ForCausalLM):
+    if _cls.config_class.model_type in supported_model_types():
+        register_model_class(_cls)
+
+
+class AutoDistributedModelForCausalLM:
+    """Picks the distributed class from the checkpoint's `model_type`, like transformers' Auto classes."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("use AutoDistributedModelForCausalLM.from_pretrained(...)")
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, *, revision=None, token=None, **kwargs):
+        model_type = Checkpoint(str(model_name_or_path), revision=revision, token=token).raw_config.get(
+            "model_type"
+        )
+        if model_type not in MODEL_CLASSES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} has no distributed model class; supported: {', '.join(sorted(MODEL_CLASSES))}"
+            )
+        return MODEL_CLASSES[model_type].from_pretrained(
+            model_name_or_path, revision=revision, token=token, **kwargs
+        )
+
+
+def _tied_lm_head(embed_tokens: nn.Embedding) -> nn.Linear:
+    """An LM head that shares the embedding matrix (tie_word_embeddings)."""
+    head = nn.Linear(embed_tokens.embedding_dim, embed_tokens.num_embeddings, bias=False, device="meta")
+    head.weight = embed_tokens.weight
+    return head
+
+
+def _resolve_dtype(value, model_ref: str, revision, token) -> torch.dtype:
+    """None -> float32; "auto" -> the checkpoint's dtype (float32 if it names none); names -> torch dtypes."""
+    if value is None:
+        return torch.float32
+    if value == "auto":
+        raw = Checkpoint(model_ref, revision=revision, token=token).raw_config
+        value = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {value!r}")
+    return value
+
+
+def _load_generation_config(model_ref: str, config, revision, token) -> GenerationConfig:
+    try:
+        return GenerationConfig.from_pretrained(model_ref, revision=revision, token=token)
+    except OSError:  # no generation_config.json
+        return GenerationConfig.from_model_config(config)
