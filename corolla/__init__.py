@@ -1,3 +1,32 @@
-"""corolla: run large language models BitTorrent-style."""
+"""corolla: run large language models BitTorrent-style.
+
+The model classes are exported lazily (PEP 562 `__getattr__`), so `import corolla` stays light: torch
+and transformers load only when a class is first used (`from corolla import AutoDistributedModelForCausalLM`).
+"""
 
 __version__ = "0.1.0"
+
+_LAZY_EXPORTS = {
+    "AutoDistributedModelForCausalLM": "corolla.client.model",
+    "DistributedModelForCausalLM": "corolla.client.model",
+    "DistributedLlamaForCausalLM": "corolla.client.model",
+    "DistributedMistralForCausalLM": "corolla.client.model",
+    "DistributedQwen2ForCausalLM": "corolla.client.model",
+    "RemoteSequential": "corolla.client.remote_sequential",
+}
+
+__all__ = ["__version__", *_LAZY_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'corolla' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_EXPORTS))
