@@ -1,0 +1,101 @@
+"""The swarm's calls end to end on a shared 3-server swarm: forward, inference sessions, routing,
+concurrency, missing blocks and refusals, compared with the same blocks run locally."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from swarm_harness import make_manager
+from tiny_models import write_llama
+
+from corolla.wire.errors import MissingBlocksError
+
+
+def _inputs(batch: int, tokens: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, tokens, 64, generator=g)
+    positions = torch.arange(tokens).expand(batch, tokens).contiguous()
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    return hidden, positions, mask
+
+
+def _run_session(chain, hidden, positions, mask, prefill: int):
+    session = chain.open_session(max_length=hidden.shape[1] + 4)
+    try:
+        outs = [session.step(hidden[:, :prefill], positions[:, :prefill], mask[:, :prefill])]
+        for t in range(prefill, hidden.shape[1]):
+            outs.append(session.step(hidden[:, t : t + 1], positions[:, t : t + 1], mask[:, t : t + 1]))
+        return torch.cat(outs, dim=1), session.route
+    finally:
+        session.close()
+
+
+def test_forward_matches_local_blocks(manager, local_stack):
+    hidden, positions, mask = _inputs(2, 7, seed=1)
+    expected = local_stack(hidden, positions, mask)
+    assert torch.allclose(manager.forward(hidden, positions, mask), expected, atol=1e-5)
+    # a sub-range of blocks, as model.model.layers[a:b] would ask
+    part = local_stack(hidden, positions, mask, None, 0, (2, 5))
+    assert torch.allclose(manager.forward(hidden, positions, mask, 2, 5), part, atol=1e-5)
+
+
+def test_inference_session_matches_local(manager, local_stack):
+    hidden, positions, mask = _inputs(1, 9, seed=2)
+    expected = local_stack(hidden, positions, mask)
+    out, route = _run_session(manager, hidden, positions, mask, prefill=5)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert route[0].start == 0 and route[-1].end == 8
+    assert all(a.end == b.start for a, b in zip(route, route[1:]))
+
+
+def test_show_route_names_servers(manager):
+    text = manager.show_route()
+    assert "[0:" in text and ":8)" in text
+    assert any(name in text for name in ("s0", "s1", "s2"))
+
+
+def test_concurrent_sessions_get_their_own_results(manager, local_stack):
+    inputs = [_inputs(1 + i % 2, 6, seed=10 + i) for i in range(4)]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            results[i] = _run_session(manager, *inputs[i], prefill=2)[0]
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i, (hidden, positions, mask) in enumerate(inputs):
+        assert torch.allclose(results[i], local_stack(hidden, positions, mask), atol=1e-5), f"session {i}"
+
+
+def test_missing_blocks_error_names_blocks(shared_swarm, tiny_llama):
+    m = make_manager(
+        tiny_llama, shared_swarm.initial_peers, dht_prefix="nobody-serves-this", missing_blocks_timeout=1
+    )
+    try:
+        with pytest.raises(MissingBlocksError) as info:
+            m.forward(*_inputs(1, 2, seed=3))
+        assert "0-7" in str(info.value) and "nobody-serves-this" in str(info.value)
+        assert info.value.blocks == list(range(8))
+    finally:
+        m.shutdown()
+
+
+def test_client_of_another_config_is_refused_with_reason(shared_swarm, tmp_path):
+    other = write_llama(tmp_path / "tiny-llama", rms_norm_eps=1e-3)  # same name, different model
+    m = make_manager(other, shared_swarm.initial_peers, missing_blocks_timeout=1)
+    try:
+        with pytest.raises(MissingBlocksError) as info:
+            m.forward(*_inputs(1, 2, seed=4))
+        assert "config hash" in str(info.value)
+    finally:
+        m.shutdown()
