@@ -7,7 +7,10 @@ drive it from transformers' `generate`:
 - **The token history.** `input_ids` / `attention_mask` hold every token of the conversation known so
   far, including the last generated token, which is sampled but not yet sent to the chain (it is sent
   as the first token of the next step). Multi-turn generation concatenates this history with the new
-  tokens, so transformers sees exactly the sequence a one-shot call would see.
+  tokens, so transformers sees exactly the sequence a one-shot call would see. Generated tokens count as
+  real (mask 1) even when they equal the pad id, as in transformers' own loop; a later turn's tokens
+  given without an `attention_mask` are all real (transformers guesses padding from pad ids only when
+  it has no mask at all, i.e. for a first prompt).
 - **Which tokens are new.** transformers' generate runs with `use_cache=False` and passes the full
   sequence at every step; only the tokens past `position` go to the chain. A user stepping by hand may
   instead pass only the new tokens. `prepare_step` tells the two apart: the input is the full history
