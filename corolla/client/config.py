@@ -13,9 +13,9 @@ class ClientConfig:
     missing_blocks_timeout: float = 60.0
     #: A step's deadline is max(step_timeout_floor, step_timeout_factor x the step time expected from the
     #: server's measured history); past it the server is pinged, and banned if the ping fails.
-    step_timeout_floor: float = 0.5
+    step_timeout_floor: float = 0.3
     step_timeout_factor: float = 5.0
-    ping_timeout: float = 1.0
+    ping_timeout: float = 0.7
     #: How long a failed server is avoided; doubles on each repeated failure, up to max_ban_timeout.
     ban_timeout: float = 15.0
     max_ban_timeout: float = 300.0
@@ -27,8 +27,10 @@ class ClientConfig:
     max_backoff: float = 5.0
     #: Longest a forward call or a step of a live (answering pings) server may take.
     request_timeout: float = 180.0
-    #: Re-read the DHT at most this often, unless a failure forces it.
+    #: Re-read the DHT this often in the background (and at once when no route can be found).
     update_period: float = 30.0
+    #: A usable server missing from one DHT lookup is kept this long (lookups can miss records).
+    keep_absent: float = 60.0
     #: Largest message sent; larger batches and replays are split.
     max_message_bytes: int = 64 * 1024 * 1024
     #: Log every planned route at INFO (otherwise DEBUG).

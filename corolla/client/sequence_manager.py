@@ -51,8 +51,10 @@ class RemoteSequenceManager:
         self.refused: dict[str, str] = {}  # peer -> why we do not use it
         self.rtts: dict[str, float] = {}
         self._bans: dict[str, tuple[float, int]] = {}  # peer -> (banned until, times banned)
+        self._last_seen: dict[str, float] = {}
         self._updated_at = -math.inf
         self._update_lock = asyncio.Lock()
+        self._refresher = asyncio.run_coroutine_threadsafe(self.refresh_forever(), bridge.loop)
 
     @classmethod
     def from_pretrained_args(
@@ -76,21 +78,42 @@ class RemoteSequenceManager:
     # --- swarm state -------------------------------------------------------------------------------
 
     async def update(self, force: bool = False) -> None:
+        """Re-read the DHT (at most every ``update_period`` unless forced).
+
+        A DHT lookup can miss records when some DHT peers are slow or gone, so a server that was usable
+        and is simply absent from this lookup is kept for ``keep_absent`` seconds; a server whose record
+        is present but says offline, or whose model differs, is dropped at once.
+        """
         async with self._update_lock:
             if not force and time.monotonic() - self._updated_at < self.config.update_period:
                 return
             infos = await fetch_block_infos(self.node.dht, self.model.dht_prefix, self.num_blocks)
-            spans = compute_spans(infos)
+            now = time.monotonic()
+            seen = {peer for servers in infos for peer in servers}
             usable = {}
-            for peer, span in spans.items():
+            for peer, span in compute_spans(infos).items():
                 reason = self._refusal(span)
                 if reason is None:
                     usable[peer] = span
                 elif self.refused.get(peer) != reason:
                     logger.warning("Not using server %s: %s", peer, reason)
                     self.refused[peer] = reason
+            for peer in seen:
+                self._last_seen[peer] = now
+            for peer, span in self.spans.items():
+                if peer not in seen and now - self._last_seen.get(peer, now) < self.config.keep_absent:
+                    usable[peer] = span
             self.spans = usable
-            self._updated_at = time.monotonic()
+            self._updated_at = now
+
+    async def refresh_forever(self) -> None:
+        """Keep the swarm view fresh in the background, so that routing never waits on the DHT."""
+        while True:
+            await asyncio.sleep(self.config.update_period)
+            try:
+                await self.update(force=True)
+            except Exception as e:  # a DHT hiccup must not end the refresher
+                logger.debug("Background DHT refresh failed: %r", e)
 
     def _refusal(self, span: RemoteSpanInfo) -> str | None:
         if span.info.wire_version != WIRE_VERSION:
@@ -138,9 +161,10 @@ class RemoteSequenceManager:
         """A min-latency chain over [start, end), waiting (bounded) for blocks nobody usable serves."""
         deadline = time.monotonic() + self.config.missing_blocks_timeout
         backoff = self.config.min_backoff
-        force = False
+        force = not self.spans
         while True:
-            await self.update(force=force)
+            if force:
+                await self.update(force=True)
             usable = [s for s in self.spans.values() if not self.is_banned(s.peer_id)]
             await self._measure_rtts([s.peer_id for s in usable])
             usable = [s for s in usable if not self.is_banned(s.peer_id)]
@@ -226,6 +250,7 @@ class RemoteSequenceManager:
         return InferenceSession(self, max_length)
 
     def shutdown(self) -> None:
+        self._refresher.cancel()
         try:
             self.bridge.run(self.node.shutdown(), timeout=10)
         finally:

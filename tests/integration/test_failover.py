@@ -1,0 +1,78 @@
+"""A server in the chain dies (SIGKILL) or stalls (SIGSTOP) mid-session: the session goes on through the
+others with identical results, and a killed server leaves no helper process behind. Fresh swarms."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from swarm_harness import Swarm, alive, helper_pids, make_manager
+
+from corolla.wire.records import ServerState
+
+
+@pytest.fixture
+def swarm(processes, tiny_llama, tmp_path):
+    swarm = Swarm(processes, tmp_path)
+    swarm.start_dht()
+    for name, blocks in (("full", "0:8"), ("left", "0:4"), ("right", "4:8")):
+        swarm.start_server(name, tiny_llama, "--block_indices", blocks, wait=False)
+    for proc in swarm.servers.values():
+        swarm.wait_state(proc, ServerState.ONLINE, "tiny-llama")
+    yield swarm
+    swarm.close()
+
+
+def _generate_with_fault(swarm, tiny_llama, local_stack, fault):
+    """Run 12 one-token steps after a 4-token prefill; apply ``fault`` to a server of the chain at step 6."""
+    manager = make_manager(tiny_llama, swarm.initial_peers, step_timeout_floor=0.3, ping_timeout=0.7)
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(1, 16, 64, generator=g)
+    positions = torch.arange(16)[None]
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    expected = local_stack(hidden, positions, mask)
+    by_peer = {p.peer_id: p for p in swarm.servers.values()}
+    try:
+        with manager.open_session(max_length=32) as session:
+            outs = [session.step(hidden[:, :4], positions[:, :4], mask[:, :4])]
+            victim = None
+            pauses = []
+            for t in range(4, 16):
+                if t == 6:
+                    victim = by_peer[session.route[0].peer_id]
+                    fault(victim)
+                t0 = time.perf_counter()
+                outs.append(session.step(hidden[:, t : t + 1], positions[:, t : t + 1], mask[:, t : t + 1]))
+                pauses.append(time.perf_counter() - t0)
+            assert session.failovers >= 1
+            assert victim.peer_id not in {hop.peer_id for hop in session.route}
+        print(f"failover pause: {max(pauses):.2f} s")
+        assert torch.allclose(torch.cat(outs, dim=1), expected, atol=1e-5)
+        return victim
+    finally:
+        manager.shutdown()
+
+
+def test_sigkill_mid_session_fails_over_and_leaves_no_orphans(swarm, tiny_llama, local_stack):
+    helpers = {}
+
+    def kill(proc):
+        helpers["pids"] = helper_pids(proc.pid)
+        assert helpers["pids"], "a server should have p2pd and the reaper as children"
+        os.kill(proc.pid, signal.SIGKILL)  # the server process only, not its group
+
+    victim = _generate_with_fault(swarm, tiny_llama, local_stack, kill)
+    deadline = time.monotonic() + 10
+    while alive(helpers["pids"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive(helpers["pids"]) == [], "p2pd/reaper outlived the SIGKILLed server"
+    # the same identity comes back as the same peer
+    restarted = swarm.start_server("again", tiny_llama, "--block_indices", "0:2", identity=victim.identity)
+    assert restarted.peer_id == victim.peer_id
+
+
+def test_sigstop_mid_session_is_caught_by_deadline(swarm, tiny_llama, local_stack):
+    _generate_with_fault(swarm, tiny_llama, local_stack, lambda proc: os.killpg(proc.pid, signal.SIGSTOP))
