@@ -170,6 +170,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
+    @property
+    def chain(self) -> RemoteChain:
+        return self.model.layers.chain
+
+    def show_route(self) -> str:
+        """The chain of servers a new session would use now (needs a swarm chain)."""
+        return self.chain.show_route()
+
+    def shutdown(self) -> None:
+        """Leave the swarm: stop this client's network thread and libp2p daemon."""
+        shutdown = getattr(self.chain, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
     # -- sessions ------------------------------------------------------------------------------------
 
     def inference_session(self, max_length: int) -> GenerationSession:
