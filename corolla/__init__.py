@@ -6,6 +6,20 @@ and transformers load only when a class is first used (`from corolla import Auto
 
 __version__ = "0.1.0"
 
+# Errors a user can catch; light to import (no torch).
+from corolla.wire.errors import (  # noqa: E402
+    BadRequestError,
+    CacheFullError,
+    ChainFailedError,
+    CorollaError,
+    MissingBlocksError,
+    RemoteError,
+    ServerBusyError,
+    ServerRefusedError,
+    SessionLengthError,
+)
+
+
 _LAZY_EXPORTS = {
     "AutoDistributedModelForCausalLM": "corolla.client.model",
     "DistributedModelForCausalLM": "corolla.client.model",
@@ -15,7 +29,19 @@ _LAZY_EXPORTS = {
     "RemoteSequential": "corolla.client.remote_sequential",
 }
 
-__all__ = ["__version__", *_LAZY_EXPORTS]
+__all__ = [
+    "__version__",
+    "BadRequestError",
+    "CacheFullError",
+    "ChainFailedError",
+    "CorollaError",
+    "MissingBlocksError",
+    "RemoteError",
+    "ServerBusyError",
+    "ServerRefusedError",
+    "SessionLengthError",
+    *_LAZY_EXPORTS,
+]
 
 
 def __getattr__(name: str):

@@ -34,12 +34,9 @@ from dataclasses import dataclass
 import torch
 
 from corolla.client.chain import ChainSession
+from corolla.wire.errors import SessionLengthError
 
 __all__ = ["GenerationSession", "PreparedStep", "SessionLengthError", "next_positions"]
-
-
-class SessionLengthError(ValueError):
-    """A step would take an inference session past the `max_length` it was opened with."""
 
 
 def next_positions(prior_mask: torch.Tensor | None, new_mask: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ class CacheFullError(RemoteError):
     code = "cache_full"
 
 
-class SessionLengthError(RemoteError):
+class SessionLengthError(RemoteError, ValueError):
     """A step would go past the session's max length, or the max length is over the server's limit."""
 
     code = "too_long"
