@@ -19,7 +19,6 @@ from corolla.wire.errors import (  # noqa: E402
     SessionLengthError,
 )
 
-
 _LAZY_EXPORTS = {
     "AutoDistributedModelForCausalLM": "corolla.client.model",
     "DistributedModelForCausalLM": "corolla.client.model",

@@ -34,7 +34,7 @@ from corolla.models.cache import LayerCache
 from corolla.models.checkpoint import Checkpoint
 from corolla.models.errors import CheckpointError
 from corolla.models.family import ModelFamily, assemble_state
-from corolla.models.layers import AttentionInputs, RotaryEmbedding, attention_masks
+from corolla.models.layers import AttentionInputs, RotaryEmbedding, additive_mask, attention_masks
 from corolla.models.registry import get_family
 
 
@@ -147,10 +147,12 @@ class BlockStack(nn.Module):
         cos, sin = self.rotary(positions, hidden.dtype)
         windows = set(self.windows[first - self.start : last - self.start])
         masks = attention_masks(attention_mask, offset, length, windows, self.n_rep)
-        inputs = AttentionInputs(cos, sin, masks, offset)
+        masks = {window: additive_mask(mask, hidden.dtype) for window, mask in masks.items()}
+        inputs = AttentionInputs(cos, sin, masks, offset, batch, length)
+        rows = hidden.reshape(batch * length, hidden.shape[-1])
         for i, layer in enumerate(self.layers[first - self.start : last - self.start]):
-            hidden = layer(hidden, inputs, None if caches is None else caches[i])
-        return hidden
+            rows = layer(rows, inputs, None if caches is None else caches[i])
+        return rows.view(hidden.shape)
 
 
 def _check_range(config, start: int, end: int) -> None:

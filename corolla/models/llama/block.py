@@ -35,6 +35,7 @@ class LlamaBlock(nn.Module):
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias, **factory)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None = None) -> torch.Tensor:
+        """x [B * T, hidden] (tokens as rows, see `corolla.models.layers`) -> same shape."""
         x = x + self.attn(self.input_norm(x), inputs, cache)
         return x + self.mlp(self.post_norm(x))
 
