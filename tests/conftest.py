@@ -76,8 +76,8 @@ def processes(tmp_path):
     groups.kill_all()
 
 
-@pytest.fixture(scope="module")
-def module_processes(tmp_path_factory):
+@pytest.fixture(scope="session")
+def session_processes(tmp_path_factory):
     groups = ProcessGroups(tmp_path_factory.mktemp("logs"))
     yield groups
     groups.kill_all()

@@ -1,4 +1,4 @@
-"""Integration fixtures: one module-scoped swarm that tests share (they must not break it), and clients."""
+"""Integration fixtures: one session-scoped swarm that tests share (they must not break it), and clients."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from swarm_harness import Swarm, make_manager
 from corolla.wire.records import ServerState
 
 
-@pytest.fixture(scope="module")
-def shared_swarm(module_processes, tiny_llama, tmp_path_factory):
+@pytest.fixture(scope="session")
+def shared_swarm(session_processes, tiny_llama, tmp_path_factory):
     """Bootstrap + 3 servers with overlapping ranges over the 8 blocks of ``tiny_llama``."""
-    swarm = Swarm(module_processes, tmp_path_factory.mktemp("swarm"))
+    swarm = Swarm(session_processes, tmp_path_factory.mktemp("swarm"))
     swarm.start_dht()
     for name, blocks in (("s0", "0:4"), ("s1", "3:8"), ("s2", "2:6")):
         swarm.start_server(name, tiny_llama, "--block_indices", blocks, wait=False)
@@ -22,8 +22,9 @@ def shared_swarm(module_processes, tiny_llama, tmp_path_factory):
     swarm.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def manager(shared_swarm, tiny_llama):
+    """A client shared by tests that do not break servers (no bans, no kills)."""
     m = make_manager(tiny_llama, shared_swarm.initial_peers)
     yield m
     m.shutdown()
