@@ -14,8 +14,8 @@ Decisions:
   less. cos/sin are computed in fp32 then cast to the activation dtype, like transformers.
 - **GQA by folding query heads** instead of repeating keys/values: queries of the `n_rep` heads that
   share a kv head become `n_rep * T` rows of that kv head, so SDPA runs with `num_kv_heads` heads and the
-  cache is never copied or expanded (and memory-efficient SDPA kernels, which take an explicit mask but
-  not `enable_gqa`, stay usable on GPU). The mask is repeated to match, once per forward.
+  cache is never copied or expanded, and no SDPA kernel needs `enable_gqa` support. The mask is
+  repeated to match, once per forward (a one-token step needs no repeat: its mask broadcasts).
 - **Explicit masks.** Row `t` of a forward at cache offset `o` is the token at cache index
   `o + t`; it sees key `j` when `j <= o + t`, `attention_mask[b, j]` is True and, for sliding-window
   layers, `j > o + t - window` (window counted on cache indices, like transformers). A query always
@@ -23,10 +23,12 @@ Decisions:
   ones (0 / -inf, activation dtype) once per forward: SDPA would otherwise convert them in every
   block (measured: ~25% of SDPA's time for a one-token step on CPU).
 - **RMSNorm order** follows transformers (normalise in fp32, cast back, then multiply the weight) so
-  that half-precision results match it bit for bit as far as possible.
+  that half-precision results match it as closely as possible; fp32 uses the one fused op.
 
 Rope types: "default", "linear", "llama3" and "dynamic" (NTK; recomputed per forward from the largest
-position in it, which is what transformers' stateful version computes during one growing generation).
+position in it, which is what transformers' stateful version computes during one growing generation;
+as in transformers, keys cached before the sequence outgrew `max_position_embeddings` keep their old
+frequencies, so incremental decoding past that length differs from a full forward).
 Settings come from `config.rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older).
 """
 
@@ -99,7 +101,10 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _default_inv_freq(params["rope_theta"], head_dim)
             if self.rope_type == "linear":
                 inv_freq = inv_freq / params["factor"]
-        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        # stored doubled ([f, f], head_dim long) so that one multiply gives the full-width angles
+        self.register_buffer("inv_freq", torch.cat((inv_freq, inv_freq)).to(device), persistent=False)
+        half = head_dim // 2
+        self.register_buffer("sign", torch.tensor([-1.0] * half + [1.0] * half, device=device), persistent=False)
 
     @classmethod
     def from_config(cls, config, head_dim: int, device=None) -> RotaryEmbedding:
@@ -113,16 +118,14 @@ class RotaryEmbedding(nn.Module):
         base = self.params["rope_theta"] * ((factor * seq_len / self.max_position_embeddings) - (factor - 1)) ** (
             dim / (dim - 2)
         )
-        return _default_inv_freq(base, dim).to(self.inv_freq.device)
+        inv_freq = _default_inv_freq(base, dim).to(self.inv_freq.device)
+        return torch.cat((inv_freq, inv_freq))
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> (cos, signed sin), each [B, T, 1, head_dim] in `dtype`."""
         inv_freq = self._dynamic_inv_freq(positions) if self.rope_type == "dynamic" else self.inv_freq
-        freqs = positions[..., None].float() * inv_freq
-        cos, sin = freqs.cos(), freqs.sin()
-        cos = torch.cat((cos, cos), dim=-1)
-        sin = torch.cat((-sin, sin), dim=-1)
-        return cos.to(dtype)[:, :, None, :], sin.to(dtype)[:, :, None, :]
+        freqs = positions[..., None, None].float() * inv_freq
+        return freqs.cos().to(dtype), (freqs.sin() * self.sign).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -137,6 +140,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 == self.weight.dtype:  # same result, one fused op
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -160,33 +165,50 @@ class AttentionInputs:
 
     cos: torch.Tensor  # [B, T, 1, head_dim]
     sin: torch.Tensor  # [B, T, 1, head_dim], sign folded in (see module docstring)
-    masks: dict  # sliding window (None = full) -> additive mask [B, 1, n_rep * T, S] (see `additive_mask`)
+    masks: dict  # sliding window (None = full) -> additive mask, see `attention_masks`
     offset: int  # cache index of the first of the T tokens
     batch: int  # B: blocks see activations as [B * T, H]
     length: int  # T
 
 
 def attention_masks(
-    attention_mask: torch.Tensor, offset: int, length: int, windows, n_rep: int
+    attention_mask: torch.Tensor, offset: int, length: int, windows, n_rep: int, dtype: torch.dtype = torch.bool
 ) -> dict[int | None, torch.Tensor]:
-    """Boolean SDPA masks [B, 1, n_rep * length, S] for each sliding window in `windows` (None = full)."""
-    device = attention_mask.device
-    q_idx = torch.arange(offset, offset + length, device=device)[:, None]
-    k_idx = torch.arange(attention_mask.shape[1], device=device)[None, :]
-    causal = k_idx <= q_idx
-    own = (k_idx == q_idx)[None]
-    valid = attention_mask.bool()[:, None, :]
+    """SDPA masks for each sliding window in `windows` (None = full attention).
+
+    Shape [B, 1, n_rep * length, S] (or [B, 1, 1, S] for one token, which broadcasts over the grouped
+    query rows). `dtype=torch.bool` gives True = visible; a floating dtype gives the additive form
+    (0 visible, -inf hidden) that SDPA would otherwise compute from a boolean mask in every block.
+    """
+    valid = attention_mask.bool()
+    keys = valid.shape[1]
     masks = {}
     for window in windows:
-        visible = causal if window is None else causal & (k_idx > q_idx - window)
-        mask = (visible[None] & valid) | own
-        masks[window] = mask.repeat(1, n_rep, 1)[:, None] if n_rep > 1 else mask[:, None]
+        if length == 1 and (window is None or window >= keys):
+            # one new token: every real key is in the past; force its own key visible
+            visible = valid.clone()
+            visible[:, -1] = True
+            visible = visible[:, None, None, :]
+        else:
+            visible = _visible(valid, offset, length, window)[:, None]
+        if dtype != torch.bool:
+            visible = torch.zeros(visible.shape, dtype=dtype, device=valid.device).masked_fill_(
+                ~visible, -math.inf
+            )
+        if n_rep > 1 and length > 1:  # row r * T + t of the grouped queries is token t
+            visible = visible.repeat(1, 1, n_rep, 1)
+        masks[window] = visible
     return masks
 
 
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean mask (True = visible) -> 0 where visible, -inf elsewhere, in `dtype`, for SDPA."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+def _visible(valid: torch.Tensor, offset: int, length: int, window: int | None) -> torch.Tensor:
+    """[B, T, S]: causal (optionally windowed) and not padding, or the query's own key."""
+    q_idx = torch.arange(offset, offset + length, device=valid.device)[:, None]
+    k_idx = torch.arange(valid.shape[1], device=valid.device)[None, :]
+    visible = k_idx <= q_idx
+    if window is not None:
+        visible &= k_idx > q_idx - window
+    return (visible[None] & valid[:, None, :]) | (k_idx == q_idx)[None]
 
 
 class Attention(nn.Module):

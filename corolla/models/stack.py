@@ -34,7 +34,7 @@ from corolla.models.cache import LayerCache
 from corolla.models.checkpoint import Checkpoint
 from corolla.models.errors import CheckpointError
 from corolla.models.family import ModelFamily, assemble_state
-from corolla.models.layers import AttentionInputs, RotaryEmbedding, additive_mask, attention_masks
+from corolla.models.layers import AttentionInputs, RotaryEmbedding, attention_masks
 from corolla.models.registry import get_family
 
 
@@ -146,8 +146,7 @@ class BlockStack(nn.Module):
         _check_step(hidden, positions, attention_mask, caches, offset, last - first)
         cos, sin = self.rotary(positions, hidden.dtype)
         windows = set(self.windows[first - self.start : last - self.start])
-        masks = attention_masks(attention_mask, offset, length, windows, self.n_rep)
-        masks = {window: additive_mask(mask, hidden.dtype) for window, mask in masks.items()}
+        masks = attention_masks(attention_mask, offset, length, windows, self.n_rep, hidden.dtype)
         inputs = AttentionInputs(cos, sin, masks, offset, batch, length)
         rows = hidden.reshape(batch * length, hidden.shape[-1])
         for i, layer in enumerate(self.layers[first - self.start : last - self.start]):

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig
 
 from corolla.models import BlockStack, ClientHead, UnsupportedModelError
-from corolla.models.layers import attention_masks, rope_parameters
+from corolla.models.layers import _visible, attention_masks, rope_parameters
 
 
 def _config(**overrides) -> LlamaConfig:
@@ -90,6 +90,18 @@ def test_masks_are_causal_padded_windowed_and_see_themselves():
     assert window[0, 0, 0].tolist() == [False, False, True, True, False]
     own = attention_masks(torch.zeros(1, 2, dtype=torch.bool), offset=0, length=2, windows={None}, n_rep=1)
     assert own[None][0, 0].tolist() == [[True, False], [False, True]]
+
+
+def test_one_token_fast_path_matches_general_masks():
+    generator = torch.Generator().manual_seed(0)
+    for keys in (1, 2, 5, 9):
+        valid = torch.rand(3, keys, generator=generator) > 0.4
+        for window in (None, 2, keys):
+            fast = attention_masks(valid, keys - 1, 1, {window}, n_rep=2)[window]
+            general = _visible(valid, keys - 1, 1, window)[:, None]
+            assert torch.equal(fast.expand(3, 1, 1, keys), general), (keys, window)
+            additive = attention_masks(valid, keys - 1, 1, {window}, n_rep=2, dtype=torch.float32)[window]
+            assert torch.equal(additive == 0, fast)
 
 
 @torch.no_grad()
