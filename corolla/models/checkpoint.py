@@ -145,11 +145,17 @@ class Checkpoint:
         except EntryNotFoundError:
             return None
 
+    def _where(self) -> str:
+        if self.is_local:
+            return f"folder {self.model_ref!r}"
+        offline = self.local_files_only if self.local_files_only is not None else hub_offline()
+        hint = " (offline: looked only in the local HF cache)" if offline else ""
+        return f"Hub repo {self.model_ref!r} at revision {self.revision or 'main'}{hint}"
+
     def file(self, filename: str) -> Path:
         path = self._find(filename)
         if path is None:
-            where = "folder" if self.is_local else f"Hub repo (revision {self.revision or 'main'})"
-            raise CheckpointError(f"{filename} not found in {where} {self.model_ref!r}")
+            raise CheckpointError(f"{filename} not found in {self._where()}")
         return path
 
     @cached_property
@@ -169,7 +175,7 @@ class Checkpoint:
             return dict(json.loads(index.read_text())["weight_map"])
         single = self._find(SINGLE_FILE)
         if single is None:
-            raise CheckpointError(f"{self.model_ref!r} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+            raise CheckpointError(f"neither {INDEX_FILE} nor {SINGLE_FILE} found in {self._where()}")
         with safe_open(single, framework="pt") as reader:
             return dict.fromkeys(reader.keys(), SINGLE_FILE)
 

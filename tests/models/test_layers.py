@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -140,3 +142,16 @@ def test_client_head_from_config_tied_and_untied():
     assert tied.lm_head is None and untied.lm_head is not None
     hidden = tied.embed(torch.tensor([[1, 2, 3]]))
     assert hidden.shape == (1, 3, 32) and tied.logits(hidden).shape == (1, 3, 64)
+
+
+def test_models_package_imports_no_network_layers():
+    """What `import corolla.models` adds to `import corolla` holds no hivemind, wire, swarm, server or client."""
+    code = (
+        "import sys, corolla\n"
+        "before = set(sys.modules)\n"
+        "import corolla.models\n"
+        "forbidden = ('hivemind', 'corolla.wire', 'corolla.swarm', 'corolla.server', 'corolla.client')\n"
+        "bad = sorted(m for m in set(sys.modules) - before if m == 'hivemind' or m.startswith(forbidden))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

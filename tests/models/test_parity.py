@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from corolla.models import BlockStack, ClientHead
 
@@ -138,3 +139,33 @@ def test_greedy_generation_matches_transformers_generate(llama_checkpoint):
         positions = positions[:, -1:] + 1  # what generate does: last position + 1
         mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
     assert torch.equal(tokens, expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_transformers(llama_checkpoint, dtype):
+    path, model = llama_checkpoint
+    reference_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    stack = BlockStack.load(path, 0, model.config.num_hidden_layers, dtype=dtype, progress=False)
+    head = ClientHead.load(path, dtype=dtype, progress=False)
+    ids = _ids(model.config.vocab_size)
+    positions, mask = _plain(*ids.shape)
+    logits = head.logits(stack(head.embed(ids), positions, mask))
+    assert logits.dtype == dtype
+    # bit-identical on CPU today; the tolerance leaves room for other kernels' rounding
+    torch.testing.assert_close(logits.float(), reference_model(ids).logits.float(), atol=2e-2, rtol=0)
+
+
+def test_backward_matches_transformers(llama_checkpoint):
+    """Servers run forward/backward without caches (fine-tuning): input gradients must match."""
+    path, model = llama_checkpoint
+    stack = BlockStack.load(path, 0, model.config.num_hidden_layers, dtype=torch.float32, progress=False)
+    head = ClientHead.load(path, dtype=torch.float32, progress=False)
+    ids = _ids(model.config.vocab_size)
+    positions, mask = _plain(*ids.shape)
+    ours_input = head.embed(ids).detach().requires_grad_()
+    theirs_input = ours_input.detach().clone().requires_grad_()
+    weights = torch.randn(*ids.shape, model.config.vocab_size, generator=torch.Generator().manual_seed(1))
+    (head.logits(stack(ours_input, positions, mask)) * weights).sum().backward()
+    (model(inputs_embeds=theirs_input).logits * weights).sum().backward()
+    torch.testing.assert_close(ours_input.grad, theirs_input.grad, atol=ATOL, rtol=1e-4)
