@@ -18,6 +18,14 @@ query always sees its own key, so padded rows stay finite (their values are mean
 caches the forward covers only these T tokens and `offset` must be 0. `blocks=(a, b)` runs an absolute
 sub-range of [start, end). Rotary tables and masks are computed once per forward for all blocks.
 
+Notes for callers: `hidden` must already be in the stack's dtype and device (cast at the wire
+boundary); the caches' batch must equal B, and one call has one `offset` for all rows, so rows of
+one call are one session's (or equally advanced) sequences. Positions are the caller's business: for
+left padding use transformers' `generate` convention (`cumsum(mask) - 1`, pads at 0, then last + 1
+per new token). Replaying a span's history into a fresh cache with the same positions and mask gives
+the same cache. Sliding windows count cache indices, as in transformers; caches still keep
+`max_length` tokens. Works under autograd when `caches` is None (forward/backward for fine-tuning).
+
 Loading reads the config, checks the family (`UnsupportedModelError` for an unknown `model_type`),
 refuses checkpoints whose index lists tensors under these blocks' prefixes that the family's weight
 map does not know (`CheckpointError` naming them), then reads only these blocks' tensors, checking
