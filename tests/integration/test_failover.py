@@ -74,5 +74,48 @@ def test_sigkill_mid_session_fails_over_and_leaves_no_orphans(swarm, tiny_llama,
     assert restarted.peer_id == victim.peer_id
 
 
-def test_sigstop_mid_session_is_caught_by_deadline(swarm, tiny_llama, local_stack):
-    _generate_with_fault(swarm, tiny_llama, local_stack, lambda proc: os.killpg(proc.pid, signal.SIGSTOP))
+class _KillAfter:
+    """A generate streamer that applies ``fault`` to the first server of the session's chain after n tokens."""
+
+    def __init__(self, session, by_peer, fault, n: int):
+        self.session, self.by_peer, self.fault, self.n = session, by_peer, fault, n
+        self.puts, self.victim = 0, None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == self.n:
+            self.victim = self.by_peer[self.session.chain_session.route[0].peer_id]
+            self.fault(self.victim)
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fault", ["sigkill", "sigstop"])
+def test_generate_survives_a_server_fault_token_exact(swarm, tiny_llama, fault):
+    from transformers import LlamaForCausalLM
+
+    from corolla import AutoDistributedModelForCausalLM
+
+    ids = torch.randint(3, 320, (1, 16), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    reference = LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=swarm.initial_peers, step_timeout_floor=0.3, ping_timeout=0.7, update_period=1.0
+    )
+    if fault == "sigkill":
+        apply = lambda proc: os.kill(proc.pid, signal.SIGKILL)  # noqa: E731
+    else:
+        apply = lambda proc: os.killpg(proc.pid, signal.SIGSTOP)  # noqa: E731
+    by_peer = {p.peer_id: p for p in swarm.servers.values()}
+    try:
+        with model.inference_session(max_length=64) as session:
+            streamer = _KillAfter(session, by_peer, apply, n=6)
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, session=session,
+                                 streamer=streamer)  # fmt: skip
+            assert streamer.victim is not None
+            assert session.chain_session.failovers >= 1
+        assert torch.equal(got, expected)
+    finally:
+        model.shutdown()

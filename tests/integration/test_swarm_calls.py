@@ -99,3 +99,18 @@ def test_client_of_another_config_is_refused_with_reason(shared_swarm, tmp_path)
         assert "config hash" in str(info.value)
     finally:
         m.shutdown()
+
+
+def test_sigterm_announces_offline_and_exits(shared_swarm, tiny_llama):
+    import os
+    import signal
+
+    from corolla.wire.records import ServerState
+
+    # its own DHT prefix, so the shared swarm's other clients never route through it
+    proc = shared_swarm.start_server("leaver", tiny_llama, "--block_indices", "0:2", "--dht_prefix", "leaving",
+                                     wait=False)  # fmt: skip
+    shared_swarm.wait_state(proc, ServerState.ONLINE, "leaving")
+    os.kill(proc.pid, signal.SIGTERM)
+    shared_swarm.wait_state(proc, ServerState.OFFLINE, "leaving", timeout=30)
+    assert proc.wait(30) == 0
