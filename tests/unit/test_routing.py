@@ -1,0 +1,65 @@
+"""Pure cores of the swarm: span computation, min-latency route planning, block choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from corolla.client.routing import Hop, plan_min_latency, uncovered_blocks
+from corolla.server.block_selection import choose_best_start
+from corolla.swarm.spans import RemoteSpanInfo, compute_spans, servers_per_block
+from corolla.wire.records import ServerInfo, ServerState
+
+
+def span(peer: str, start: int, end: int, latency: float = 0.01) -> RemoteSpanInfo:
+    return RemoteSpanInfo(peer, start, end, ServerInfo(ServerState.ONLINE, start, end, inference_latency=latency))
+
+
+def test_compute_spans_uses_records_found_and_state():
+    a = ServerInfo(ServerState.ONLINE, 0, 4)
+    b = ServerInfo(ServerState.JOINING, 2, 6)
+    blocks = [{"a": a}, {"a": a}, {"b": b}, {"a": a, "b": b}, {"b": b}, {"b": b}]  # a's block 2 record missing
+    spans = compute_spans(blocks)
+    assert set(spans) == {"a"} and (spans["a"].start, spans["a"].end) == (0, 2)
+    both = compute_spans(blocks, (ServerState.ONLINE, ServerState.JOINING))
+    assert (both["b"].start, both["b"].end) == (2, 6)
+    assert servers_per_block(blocks, (ServerState.ONLINE,)) == [1, 1, 0, 1, 0, 0]
+
+
+def test_route_prefers_one_hop_when_compute_is_equal():
+    spans = [span("full", 0, 8), span("left", 0, 4), span("right", 4, 8)]
+    assert plan_min_latency(spans, 0, 8, {"full": 0.01, "left": 0.01, "right": 0.01}) == [Hop("full", 0, 8)]
+
+
+def test_route_avoids_slow_server_and_high_rtt():
+    spans = [span("slow", 0, 8, latency=0.1), span("left", 0, 4), span("right", 4, 8)]
+    assert plan_min_latency(spans, 0, 8) == [Hop("left", 0, 4), Hop("right", 4, 8)]
+    # a far-away fast server loses to two close ones
+    far = [span("far", 0, 8), span("left", 0, 4), span("right", 4, 8)]
+    assert plan_min_latency(far, 0, 8, {"far": 1.0, "left": 0.01, "right": 0.01})[0].peer_id == "left"
+
+
+def test_route_uses_span_prefixes_and_subranges():
+    spans = [span("a", 0, 6), span("b", 3, 8, latency=0.001)]
+    route = plan_min_latency(spans, 0, 8, {"a": 0.001, "b": 0.001})
+    assert route == [Hop("a", 0, 3), Hop("b", 3, 8)]
+    assert plan_min_latency(spans, 4, 6, {"a": 0.001, "b": 0.001}) == [Hop("b", 4, 6)]
+
+
+def test_route_is_none_with_a_gap_and_names_missing_blocks():
+    spans = [span("a", 0, 3), span("b", 5, 8)]
+    assert plan_min_latency(spans, 0, 8) is None
+    assert uncovered_blocks(spans, 0, 8) == [3, 4]
+
+
+def test_route_is_deterministic_on_ties():
+    spans = [span("y", 0, 4), span("x", 0, 4)]
+    assert plan_min_latency(spans, 0, 4) == [Hop("x", 0, 4)]
+
+
+def test_block_choice_fills_gaps_first_then_least_served():
+    assert choose_best_start([1, 1, 0, 0, 1, 1], 2) == 2
+    # windows of 3: max 2 for starts 0, 1, 2 (sums 4, 4, 3) and max 3 for start 3: the lowest sum wins
+    assert choose_best_start([2, 1, 1, 2, 0, 3], 3) == 2
+    assert choose_best_start([0, 0, 0, 0], 2) == 0
+    with pytest.raises(ValueError):
+        choose_best_start([0, 0], 3)
