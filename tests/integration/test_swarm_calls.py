@@ -114,3 +114,16 @@ def test_sigterm_announces_offline_and_exits(shared_swarm, tiny_llama):
     os.kill(proc.pid, signal.SIGTERM)
     shared_swarm.wait_state(proc, ServerState.OFFLINE, "leaving", timeout=30)
     assert proc.wait(30) == 0
+
+
+def test_num_blocks_takes_the_least_served_span(shared_swarm, tiny_llama):
+    from corolla.wire.records import ServerState
+
+    first = shared_swarm.start_server("auto1", tiny_llama, "--num_blocks", "3", "--dht_prefix", "autoplace",
+                                      wait=False)  # fmt: skip
+    info = shared_swarm.wait_state(first, ServerState.ONLINE, "autoplace")
+    assert (info.start, info.end) == (0, 3)  # nothing served yet: the first span
+    second = shared_swarm.start_server("auto2", tiny_llama, "--num_blocks", "3", "--dht_prefix", "autoplace",
+                                       wait=False)  # fmt: skip
+    info = shared_swarm.wait_state(second, ServerState.ONLINE, "autoplace")
+    assert (info.start, info.end) == (3, 6)  # the first span with no server
