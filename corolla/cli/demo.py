@@ -29,6 +29,8 @@ from pathlib import Path
 
 from corolla.cli.common import flag, setup_logging
 from corolla.cli.local_swarm import LocalSwarm, SwarmStartError, threads_per_server
+from corolla.models.errors import CheckpointError, UnsupportedModelError
+from corolla.wire.errors import CorollaError
 
 DEFAULT_PROMPT = "Hello! Could you tell me, in a few sentences, why the sky is blue?"
 
@@ -57,11 +59,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     flag(parser, "model", default=None, metavar="PATH_OR_ID",
          help="checkpoint folder or Hugging Face Hub repo id (Llama, Mistral, Qwen2 families); "
          "default: the built-in random demo model, built offline in $COROLLA_CACHE or ~/.cache/corolla")  # fmt: skip
-    flag(parser, "servers", type=int, default=3,
+    flag(parser, "servers", type=_positive_int, default=3,
          help="servers to start; the model's blocks are split evenly among them (default: %(default)s)")  # fmt: skip
-    flag(
-        parser, "max_new_tokens", type=int, default=64, help="tokens to generate per answer (default: %(default)s)"
-    )
+    flag(parser, "max_new_tokens", type=_positive_int, default=64,
+         help="tokens to generate per answer (default: %(default)s)")  # fmt: skip
     flag(parser, "prompt", default=DEFAULT_PROMPT, help="the first user message (default: %(default)r)")
     flag(parser, "max_length", type=int, default=2048,
          help="tokens one chat session holds (prompts + answers); when full, the chat starts over "
@@ -78,6 +79,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     flag(parser, "log_level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
          help="verbosity of this process's logs on stderr (default: %(default)s)")  # fmt: skip
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def _resolve_model(args: argparse.Namespace) -> str:
@@ -131,18 +139,22 @@ def run(args: argparse.Namespace) -> None:
     }
     temp_logs = args.log_dir is None
     log_dir = Path(tempfile.mkdtemp(prefix="corolla-demo-")) if temp_logs else Path(args.log_dir)
-    code = 0
+    code = 1  # until the demo ends normally or is interrupted
     try:
         _run_demo(args, log_dir)
+        code = 0
     except Interrupted as e:
         code = 128 + e.signum
     except SwarmStartError as e:
         say(f"Could not start the swarm: {e}")
-        code = 1
+    except (CorollaError, CheckpointError, UnsupportedModelError) as e:
+        say(f"Failed: {type(e).__name__}: {e}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if temp_logs:
+        if code == 1 and any(log_dir.glob("*.log")):
+            say(f"The bootstrap peer's and servers' logs are in {log_dir}")
+        elif temp_logs:
             shutil.rmtree(log_dir, ignore_errors=True)
     if code:
         sys.exit(code)
@@ -160,9 +172,10 @@ def _run_demo(args: argparse.Namespace, log_dir: Path) -> None:
         finally:
             _quietly(model.shutdown)
     finally:
-        say("Stopping the servers and the bootstrap peer")
-        _quietly(swarm.close)
-        say("Stopped")
+        if swarm.procs:
+            say("Stopping the servers and the bootstrap peer")
+            _quietly(swarm.close)
+            say("Stopped")
 
 
 def _raise_interrupted(signum, frame) -> None:

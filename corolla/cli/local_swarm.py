@@ -157,7 +157,7 @@ class LocalSwarm:
         from corolla.swarm.discovery import fetch_block_infos
         from corolla.wire.records import ServerState
 
-        deadline, reported = time.monotonic() + timeout, None
+        start, reported, reported_at = time.monotonic(), None, 0.0
         while True:
             self.check_alive()
             infos = bridge.run(fetch_block_infos(node.dht, dht_prefix, num_blocks), timeout=60)
@@ -167,10 +167,12 @@ class LocalSwarm:
                 return
             status = ", ".join(f"{name} {states[name].value if name in states else 'starting'}"
                                for name in sorted(servers))  # fmt: skip
-            if status != reported:
-                progress(f"{len(online)}/{len(servers)} servers online ({status})")
-                reported = status
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if status != reported or now - reported_at > 60:  # a reminder while downloads run
+                waited = f", {now - start:.0f} s; logs in {self.log_dir}" if status == reported else ""
+                progress(f"{len(online)}/{len(servers)} servers online ({status}{waited})")
+                reported, reported_at = status, now
+            if now - start > timeout:
                 raise SwarmStartError(
                     f"servers not online after {timeout:.0f} s: {status}; logs in {self.log_dir}"
                 )
