@@ -48,9 +48,12 @@ class ProcessGroups:
         return proc
 
     def kill_all(self) -> None:
+        # SIGTERM the main process only (a server then announces offline through its still-running p2pd),
+        # then SIGKILL whatever is left of each group.
         for proc in self.procs:
             _signal_group(proc, signal.SIGCONT)
-            _signal_group(proc, signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.procs:
             try:

@@ -32,6 +32,18 @@ class LoopThread:
             raise
 
     def shutdown(self) -> None:
-        if self.loop.is_running():
+        """Cancel whatever still runs on the loop (background refreshes), then stop the thread."""
+        if not self.loop.is_running():
+            return
+
+        async def cancel_pending() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.run(cancel_pending(), timeout=5)
+        finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)

@@ -51,7 +51,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from corolla.client.chain import RemoteChain
 from corolla.client.generation import GenerationSession
 from corolla.client.remote_sequential import RemoteSequential
-from corolla.models.checkpoint import Checkpoint, default_dht_prefix
+from corolla.models.checkpoint import Checkpoint, CheckpointError, default_dht_prefix
 from corolla.models.client_head import ClientHead
 from corolla.models.registry import UnsupportedModelError, supported_model_types
 
@@ -368,7 +368,10 @@ def _resolve_dtype(value, model_ref: str, revision, token) -> torch.dtype:
 
 
 def _load_generation_config(model_ref: str, config, revision, token) -> GenerationConfig:
+    """The checkpoint's generation_config.json (found like every other file, honouring the HF cache and
+    offline settings), else one derived from the model config."""
     try:
-        return GenerationConfig.from_pretrained(model_ref, revision=revision, token=token)
-    except OSError:  # no generation_config.json
+        path = Checkpoint(model_ref, revision=revision, token=token).file("generation_config.json")
+    except (CheckpointError, OSError):
         return GenerationConfig.from_model_config(config)
+    return GenerationConfig.from_pretrained(path.parent, "generation_config.json")

@@ -180,6 +180,13 @@ class Server:
         logger.info("Shutting down: announcing offline, finishing in-flight steps")
         self.info = dataclasses.replace(self.info, state=ServerState.OFFLINE)
         drain = asyncio.create_task(self.handler.drain(SHUTDOWN_GRACE))
+        if not self.node.daemon_alive():
+            logger.warning(
+                "p2pd has already stopped (a terminal Ctrl-C reaches it too); our records expire in %.0f s",
+                self.config.record_expiration,
+            )
+            await drain
+            return
         try:
             await asyncio.wait_for(self._announce(), SHUTDOWN_GRACE)
         except (asyncio.TimeoutError, OSError) as e:  # e.g. Ctrl-C in a terminal also stopped p2pd

@@ -38,10 +38,11 @@ class NetworkConfig:
 class SwarmNode:
     """A started P2P daemon plus DHT node. Create with :meth:`start`; call :meth:`shutdown` when done."""
 
-    def __init__(self, p2p: P2P, dht: DHTNode, config: NetworkConfig):
+    def __init__(self, p2p: P2P, dht: DHTNode, config: NetworkConfig, daemon_pids: tuple[int, ...] = ()):
         self.p2p = p2p
         self.dht = dht
         self.config = config
+        self.daemon_pids = daemon_pids
 
     @classmethod
     async def start(cls, config: NetworkConfig) -> SwarmNode:
@@ -54,7 +55,8 @@ class SwarmNode:
             dht_mode="client" if config.client_mode else "server",
             nat_port_map=config.nat_port_map and not _is_loopback(config.host_maddrs),
         )
-        for pid in set(reaper.children_named("p2pd")) - before:
+        daemon_pids = tuple(set(reaper.children_named("p2pd")) - before)
+        for pid in daemon_pids:
             reaper.watch(pid)
         try:
             dht = await DHTNode.create(
@@ -67,7 +69,7 @@ class SwarmNode:
             await p2p.shutdown()
             raise
         logger.info("Joined the swarm as %s (%s)", p2p.peer_id, "client" if config.client_mode else "DHT server")
-        return cls(p2p, dht, config)
+        return cls(p2p, dht, config, daemon_pids)
 
     @property
     def peer_id(self) -> PeerID:
@@ -78,7 +80,13 @@ class SwarmNode:
         maddrs = await self.p2p.get_visible_maddrs()
         return [str(m) if "/p2p/" in str(m) else f"{m}/p2p/{self.peer_id}" for m in maddrs]
 
+    def daemon_alive(self) -> bool:
+        """Whether our p2pd still runs (a Ctrl-C in a terminal signals the whole group, p2pd included)."""
+        return any(reaper.is_running(pid) for pid in self.daemon_pids) if self.daemon_pids else True
+
     async def shutdown(self, timeout: float = 5.0) -> None:
+        if not self.daemon_alive():
+            timeout = min(timeout, 0.5)  # nothing left to talk to
         try:
             await asyncio.wait_for(self.dht.shutdown(), timeout)
         except (asyncio.TimeoutError, OSError) as e:

@@ -52,6 +52,13 @@ def children_named(name: str) -> list[int]:
     return out
 
 
+def is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _main() -> None:
     # Ignore the terminal's Ctrl-C: the parent decides when we are done, by closing the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
