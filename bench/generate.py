@@ -450,6 +450,8 @@ class Bench:
             memory = mem_info(procs, span_names, self.param_bytes)
             model = self.connect(prefix)
             result, _, windows = self.paired_runs(model, probe)
+            for proc in procs:
+                memory[proc.name]["rss_after_generating_mb"] = rss_bytes(proc.pid) / 2**20
             span_of = {p.peer_id: s for p, s in zip(procs, span_names)}
             hops = hop_breakdown(probe, windows, self.server_records(procs), span_of, self.compute)
             result.update(
@@ -460,8 +462,7 @@ class Bench:
                 per_hop_overhead_ms=statistics.mean(h["overhead_ms"] for h in hops.values()),
                 client_breakdown_ms=client_breakdown(probe, windows),
                 **self.floor(result, hops),
-                server_memory_after_load=memory,
-                server_memory_after_generate=mem_info(procs, span_names, self.param_bytes),
+                server_memory=memory,
             )
             log(f"  swarm {prefix}: {result['steady_tokens_per_s']:.1f} tok/s ({result['ratio_vs_paired_local']:.2f}x "
                 f"local), ttft {result['ttft_ms']:.0f} ms, per-hop overhead {result['per_hop_overhead_ms']:.2f} ms, "
@@ -919,7 +920,18 @@ def main(argv=None) -> None:
     out["findings"] = findings(out)
     out["notes"] = NOTES
     out["wall_s"] = time.perf_counter() - started
-    print(json.dumps(_round(out), indent=2))
+    print(dumps(_round(out)))
+
+
+def dumps(obj) -> str:
+    """Indented JSON with lists of scalars kept on one line."""
+    import re
+
+    text = json.dumps(obj, indent=2)
+    scalar_list = re.compile(
+        r"\[\s*((?:-?[\d.eE+-]+|true|false|null|\"[^\"\n]*\")(?:,\s*(?:-?[\d.eE+-]+|true|false|null|\"[^\"\n]*\"))*)\s*\]"
+    )
+    return scalar_list.sub(lambda m: json.dumps(json.loads(m.group(0))), text)
 
 
 def _round(x):
