@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from corolla.swarm.loop import new_event_loop
 from corolla.swarm.node import NetworkConfig
 
 
@@ -77,4 +78,9 @@ def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]])
             loop.add_signal_handler(sig, on_signal, sig.name)
         await main(stop)
 
-    asyncio.run(runner())
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(runner())
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

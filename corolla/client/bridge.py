@@ -12,12 +12,14 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from corolla.swarm.loop import new_event_loop
+
 T = TypeVar("T")
 
 
 class LoopThread:
     def __init__(self, name: str = "corolla-client-loop"):
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 

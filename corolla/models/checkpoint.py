@@ -203,6 +203,8 @@ class Checkpoint:
                     for name in shard_names:
                         tensor = reader.get_tensor(name)
                         cast = dtype if tensor.is_floating_point() else tensor.dtype
-                        tensors[name] = tensor.to(device=device, dtype=cast)
+                        # copy=True: never keep a view of safetensors' mmap, which would keep the shard's
+                        # pages resident (and counted) next to our own copies of fused weights
+                        tensors[name] = tensor.to(device=device, dtype=cast, copy=True)
                         bar.update(1)
         return tensors
