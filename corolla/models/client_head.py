@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from corolla.models.checkpoint import Checkpoint
 from corolla.models.errors import CheckpointError
 from corolla.models.family import tied_embeddings
 from corolla.models.layers import RMSNorm
-from corolla.models.registry import get_family
+from corolla.models.registry import get_family, open_checkpoint
 
 
 class ClientHead(nn.Module):
@@ -58,10 +57,9 @@ class ClientHead(nn.Module):
         progress: bool = True,
     ) -> ClientHead:
         """Load the embeddings, final norm and (untied) LM head of a local folder or Hub repo."""
-        checkpoint = Checkpoint(model_ref, revision=revision, token=token, cache_dir=cache_dir)
-        family = get_family(checkpoint.raw_config.get("model_type"))
-        config = checkpoint.config
-        family.check_config(config)
+        checkpoint, family, config = open_checkpoint(
+            model_ref, revision=revision, token=token, cache_dir=cache_dir
+        )
         names = family.client_names(config)
         tensors = checkpoint.load_tensors(list(names.values()), dtype=dtype, device=device, progress=progress)
         shapes = {

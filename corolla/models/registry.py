@@ -6,6 +6,7 @@ entry point; an unknown type raises `UnsupportedModelError` naming it and listin
 
 from __future__ import annotations
 
+from corolla.models.checkpoint import Checkpoint
 from corolla.models.errors import UnsupportedModelError
 from corolla.models.family import ModelFamily
 from corolla.models.llama import FAMILIES as _LLAMA_FAMILIES
@@ -26,3 +27,12 @@ def get_family(model_type: str) -> ModelFamily:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported by corolla; supported: {', '.join(supported_model_types())}"
         ) from None
+
+
+def open_checkpoint(model_ref: str, *, revision=None, token=None, cache_dir=None):
+    """(checkpoint, family, config) of a folder or Hub repo, the config checked against its family."""
+    checkpoint = Checkpoint(model_ref, revision=revision, token=token, cache_dir=cache_dir)
+    family = get_family(checkpoint.raw_config.get("model_type"))
+    config = checkpoint.config
+    family.check_config(config)
+    return checkpoint, family, config

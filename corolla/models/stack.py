@@ -39,11 +39,10 @@ import torch
 from torch import nn
 
 from corolla.models.cache import LayerCache
-from corolla.models.checkpoint import Checkpoint
 from corolla.models.errors import CheckpointError
 from corolla.models.family import ModelFamily, assemble_state
 from corolla.models.layers import AttentionInputs, RotaryEmbedding, attention_masks
-from corolla.models.registry import get_family
+from corolla.models.registry import get_family, open_checkpoint
 
 
 class BlockStack(nn.Module):
@@ -89,10 +88,9 @@ class BlockStack(nn.Module):
         progress: bool = True,
     ) -> BlockStack:
         """Load blocks [start, end) of a local folder or Hub repo, reading only their tensors."""
-        checkpoint = Checkpoint(model_ref, revision=revision, token=token, cache_dir=cache_dir)
-        family = get_family(checkpoint.raw_config.get("model_type"))
-        config = checkpoint.config
-        family.check_config(config)
+        checkpoint, family, config = open_checkpoint(
+            model_ref, revision=revision, token=token, cache_dir=cache_dir
+        )
         _check_range(config, start, end)
         names = {index: family.hf_names(config, index) for index in range(start, end)}
         _check_unexpected(checkpoint.weight_map, family, names)
