@@ -19,9 +19,8 @@ class ClientConfig:
     #: How long a failed server is avoided; doubles on each repeated failure, up to max_ban_timeout.
     ban_timeout: float = 15.0
     max_ban_timeout: float = 300.0
-    #: Failures tolerated in one call before ChainFailedError (None: keep trying until the missing-blocks wait
-    #: runs out).
-    max_retries: int | None = None
+    #: Failures tolerated in one call (a step, a chain repair, a forward) before ChainFailedError.
+    max_retries: int | None = 16
     #: Backoff between attempts when nothing usable is left.
     min_backoff: float = 0.25
     max_backoff: float = 5.0

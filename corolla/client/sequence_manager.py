@@ -174,6 +174,8 @@ class RemoteSequenceManager:
                 log("Route for blocks [%d, %d): %s", start, end, format_route(route, self._names()))
                 return route
             missing = uncovered_blocks(usable, start, end)
+            if await self._unban_live_servers_of(missing):
+                continue  # a banned server is the only one left for some blocks, and it answers again
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise MissingBlocksError(
@@ -186,6 +188,22 @@ class RemoteSequenceManager:
             await asyncio.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, self.config.max_backoff)
             force = True
+
+    async def _unban_live_servers_of(self, blocks: list[int]) -> bool:
+        """Ping banned servers that host any of ``blocks``; lift the ban of those that answer."""
+        candidates = [
+            p for p, s in self.spans.items() if self.is_banned(p) and any(s.start <= b < s.end for b in blocks)
+        ]
+        rtts = await asyncio.gather(*(self.ping(p) for p in candidates))
+        lifted = False
+        for peer, rtt in zip(candidates, rtts):
+            if rtt is not None:
+                _, count = self._bans[peer]
+                self._bans[peer] = (0.0, count)  # keep the count: a repeat offender is banned longer
+                self.rtts[peer] = rtt
+                logger.info("Server %s answers again and is the only one left for some blocks: retrying it", peer)
+                lifted = True
+        return lifted
 
     def _names(self) -> dict[str, str]:
         return {p: s.info.public_name for p, s in self.spans.items() if s.info.public_name}
