@@ -2,21 +2,17 @@
 subprocesses (each in its own process group, torn down by ``os.killpg``), DHT-based readiness, and
 small timing helpers. Progress goes to stderr; benchmarks print JSON on stdout.
 
-It is also run as a program by the benchmarks' subprocesses:
-
-- ``python -m bench.common probe_server ARGS``: ``corolla server ARGS`` (the very ``run_server.main``) plus
-  ``time.perf_counter()`` stamps (CLOCK_MONOTONIC: comparable between processes on one Linux machine) when a
-  message has been read and decoded, around the compute worker's run of an inference step, and around writing
-  each reply; SIGUSR1 dumps them as JSON to ``$COROLLA_PROBE_OUT``. A few list appends per step.
-- ``python -m bench.common echo_server``: a hivemind binary-stream echo and a plain asyncio TCP echo, to
-  measure the transport floor.
+It is also run as a program by the benchmarks' servers: ``python -m bench.common probe_server ARGS`` is
+``corolla server ARGS`` (the very ``run_server.main``) plus ``time.perf_counter()`` stamps (CLOCK_MONOTONIC:
+comparable between processes on one Linux machine) when a message has been read and decoded, around the compute
+worker's run of an inference step, and around writing each reply; SIGUSR1 dumps them as JSON to
+``$COROLLA_PROBE_OUT``. A few list appends per step.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -288,8 +284,23 @@ def children_rss(pid: int) -> int:
     return total
 
 
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+def run_on_peer_loop(coro):
+    """``asyncio.run(coro)`` on the event loop corolla's peers run (uvloop when installed), so that what the
+    bench measures next to them pays the same loop costs."""
+    import asyncio
+
+    try:
+        from corolla.swarm.loop import new_event_loop
+    except ImportError:  # a corolla from before its peers chose their loop
+        return asyncio.run(coro)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 # ---- programs run as subprocesses ----------------------------------------------------------------------
@@ -335,90 +346,8 @@ def probe_server(argv: list[str]) -> None:
     run_server(argv)
 
 
-def echo_server() -> None:
-    """Print "<p2p maddr> <tcp port>", then echo length-prefixed frames on both until killed."""
-    import asyncio
-
-    from hivemind.p2p import P2P
-
-    async def echo(reader, writer, *_):
-        try:
-            while True:
-                size = int.from_bytes(await reader.readexactly(4), "big")
-                data = await reader.readexactly(size)
-                writer.write(size.to_bytes(4, "big") + data)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-
-    async def main():
-        p2p = await P2P.create(host_maddrs=[LOOPBACK])
-        await p2p.add_binary_stream_handler("bench.echo", lambda info, r, w: echo(r, w))
-        tcp = await asyncio.start_server(echo, "127.0.0.1", 0)
-        maddr = f"{(await p2p.get_visible_maddrs())[0]}/p2p/{p2p.peer_id}"
-        print(maddr, tcp.sockets[0].getsockname()[1], flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
-
-
-def transport_floor(groups: ProcessGroups, sizes=(1024, 4096), rounds: int = 100) -> dict:
-    """Median round trip of a bare echo to another process: hivemind binary stream (two p2pd daemons on the
-    path) vs a direct asyncio TCP connection, with the processes idle 3 ms between messages or with 100 MB of
-    memory streamed between them (as the blocks' weights and the LM head do between generation steps)."""
-    import asyncio
-
-    import torch
-    from hivemind.p2p import P2P, PeerID
-
-    proc = groups.start(["-m", "bench.common", "echo_server"], "echo", stdout=subprocess.PIPE)
-    try:
-        maddr, port = proc.stdout.readline().split()
-
-        async def rtt(reader, writer, size, thrash, buffer):
-            times = []
-            for _ in range(rounds):
-                if thrash:
-                    buffer.sum()
-                else:
-                    time.sleep(0.003)
-                t0 = time.perf_counter()
-                writer.write(size.to_bytes(4, "big") + b"x" * size)
-                await writer.drain()
-                await reader.readexactly(4 + size)
-                times.append(time.perf_counter() - t0)
-            return 1000 * statistics.median(times)
-
-        async def main():
-            p2p = await P2P.create(host_maddrs=[LOOPBACK], initial_peers=[maddr])
-            try:
-                peer = PeerID.from_base58(maddr.split("/p2p/")[1])
-                _, r1, w1 = await p2p.call_binary_stream_handler(peer, "bench.echo")
-                r2, w2 = await asyncio.open_connection("127.0.0.1", int(port))
-                buffer = torch.ones(25_000_000)
-                out = {}
-                for size in sizes:
-                    for thrash in (False, True):
-                        key = f"{size} B, {'100 MB streamed' if thrash else 'idle 3 ms'} between messages"
-                        out[key] = {
-                            "hivemind_p2pd_stream_rtt_ms": await rtt(r1, w1, size, thrash, buffer),
-                            "direct_tcp_rtt_ms": await rtt(r2, w2, size, thrash, buffer),
-                        }
-                w1.close()
-                w2.close()
-                return out
-            finally:
-                await p2p.shutdown()
-
-        return asyncio.run(main())
-    finally:
-        groups.kill_many([proc], graceful=0)
-
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["probe_server"]:
         probe_server(sys.argv[2:])
-    elif sys.argv[1:2] == ["echo_server"]:
-        echo_server()
     else:
-        sys.exit("usage: python -m bench.common probe_server ARGS... | echo_server")
+        sys.exit("usage: python -m bench.common probe_server ARGS...")
