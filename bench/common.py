@@ -215,7 +215,9 @@ class Swarm:
 class CpuMonitor:
     """CPU used on this machine by processes other than this one and its descendants, in cores.
 
-    Others share the machine (tests, other benchmarks); their load is reported next to every timing.
+    Others share the machine (tests, other benchmarks); their load is reported next to every timing. A descendant
+    that exits in a window (a killed server's p2pd) keeps the CPU time it was last seen with: dropping it would
+    count its whole past as others' load.
     """
 
     def __init__(self):
@@ -224,22 +226,23 @@ class CpuMonitor:
         self.psutil = psutil
         self.me = psutil.Process()
         self._start = None
+        self._seen: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU seconds when last seen
 
     def _mine(self) -> float:
-        total = 0.0
         for proc in [self.me, *self.me.children(recursive=True)]:
             try:
                 t = proc.cpu_times()
-                total += t.user + t.system
+                self._seen[(proc.pid, proc.create_time())] = t.user + t.system
             except self.psutil.Error:
                 pass
-        return total
+        return sum(self._seen.values())
 
     def _busy(self) -> float:
         t = self.psutil.cpu_times()
         return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0) - getattr(t, "guest", 0.0)
 
     def start(self) -> None:
+        self._seen.clear()
         self._start = (time.perf_counter(), self._busy(), self._mine())
 
     def foreign_cores(self) -> float:
