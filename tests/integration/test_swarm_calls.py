@@ -127,3 +127,23 @@ def test_num_blocks_takes_the_least_served_span(shared_swarm, tiny_llama):
                                        wait=False)  # fmt: skip
     info = shared_swarm.wait_state(second, ServerState.ONLINE, "autoplace")
     assert (info.start, info.end) == (3, 6)  # the first span with no server
+
+
+def test_bfloat16_server_gets_compressed_activations(shared_swarm, tiny_llama):
+    from corolla.models.stack import BlockStack
+    from corolla.wire.records import ServerState
+
+    proc = shared_swarm.start_server("bf16", tiny_llama, "--block_indices", "0:8", "--dht_prefix", "bf16",
+                                     "--torch_dtype", "bfloat16", wait=False)  # fmt: skip
+    info = shared_swarm.wait_state(proc, ServerState.ONLINE, "bf16")
+    assert info.torch_dtype == "bfloat16"
+    manager = make_manager(tiny_llama, shared_swarm.initial_peers, dht_prefix="bf16")
+    try:
+        hidden, positions, mask = _inputs(1, 6, seed=5)
+        out, _ = _run_session(manager, hidden, positions, mask, prefill=3)
+        assert out.dtype == torch.float32  # the client gets its own dtype back
+        local = BlockStack.load(str(tiny_llama), 0, 8, dtype=torch.bfloat16)
+        expected = local(hidden.bfloat16(), positions, mask).float()
+        assert torch.allclose(out, expected, atol=2e-2, rtol=2e-2)
+    finally:
+        manager.shutdown()
