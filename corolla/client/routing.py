@@ -84,16 +84,6 @@ def _better(a: tuple[float, int, int, str], b: tuple[float, int, int, str]) -> b
     return (a[1], a[3]) < (b[1], b[3])
 
 
-def route_cost(route: list[Hop], spans: Mapping[str, RemoteSpanInfo], rtts: Mapping[str, float]) -> float:
-    """Expected seconds per one-token step along ``route``."""
-    total = 0.0
-    for hop in route:
-        info = spans[hop.peer_id].info
-        latency = info.inference_latency if info.inference_latency > 0 else DEFAULT_LATENCY
-        total += rtts.get(hop.peer_id, DEFAULT_RTT) + (hop.end - hop.start) * latency
-    return total
-
-
 def format_route(route: list[Hop], names: Mapping[str, str] | None = None) -> str:
     names = names or {}
     return " -> ".join(f"[{h.start}:{h.end}) on {names.get(h.peer_id) or h.peer_id[-8:]}" for h in route)

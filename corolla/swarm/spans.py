@@ -16,10 +16,6 @@ class RemoteSpanInfo:
     end: int
     info: ServerInfo
 
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
 
 def compute_spans(
     block_infos: list[dict[str, ServerInfo]], states: tuple[ServerState, ...] = (ServerState.ONLINE,)
