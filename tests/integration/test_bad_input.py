@@ -28,6 +28,8 @@ from corolla.wire.messages import (
     InferenceOpened,
     InferenceStep,
     InferenceStepResult,
+    InfoRequest,
+    InfoResponse,
     Kind,
     ModelRef,
     PingRequest,
@@ -183,7 +185,12 @@ def test_cache_budget_waits_then_fails_clearly(shared_swarm, tiny_llama):
         with pytest.raises(CacheFullError, match="whole budget is 32"):
             await call(p2p, proc.peer_id, InferenceOpen(model, 0, 2, 40, 1), InferenceOpened, 10)
         first.close()  # frees its 24 block-tokens: the next session fits
-        await asyncio.sleep(0.2)
+        for _ in range(100):  # the server frees them when it reads the EOF; its info shows when
+            reply = await call(p2p, proc.peer_id, InfoRequest(), InfoResponse, 10)
+            if reply.info.free_cache_tokens == 16:
+                break
+            await asyncio.sleep(0.1)
+        assert reply.info.free_cache_tokens == 16
         third = await Connection.open(p2p, proc.peer_id)
         await third.send(InferenceOpen(model, 0, 2, 12, 1))
         assert isinstance(await asyncio.wait_for(third.recv(InferenceOpened), 30), InferenceOpened)
