@@ -11,6 +11,7 @@ COMMANDS = {
     "dht": ("corolla.cli.run_dht", "start a bootstrap DHT peer and print its addresses"),
     "server": ("corolla.cli.run_server", "serve a span of a model's blocks"),
     "demo": ("corolla.cli.demo", "start a private swarm on this machine and chat with it"),
+    "health": ("corolla.cli.health", "show block coverage and the servers of models in a swarm"),
 }
 
 

@@ -1,0 +1,88 @@
+"""The text of `corolla health` from synthetic DHT records: coverage, gaps, server rows."""
+
+from __future__ import annotations
+
+from corolla.cli.health_table import (
+    ModelHealth,
+    block_ranges,
+    coverage_line,
+    format_health,
+    format_model,
+    server_rows,
+)
+from corolla.wire.records import ServerInfo, ServerState
+
+PEER_A = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAaaaa1111"
+PEER_B = "12D3KooWBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBbbbb2222"
+PEER_C = "12D3KooWCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCcccc3333"
+
+
+def info(start: int, end: int, state: ServerState = ServerState.ONLINE, **kwargs) -> ServerInfo:
+    return ServerInfo(state=state, start=start, end=end, **kwargs)
+
+
+def records(num_blocks: int, servers: dict[str, ServerInfo]) -> list[dict[str, ServerInfo]]:
+    """What fetch_block_infos returns: each server's record under every block of its range."""
+    return [{p: i for p, i in servers.items() if i.start <= b < i.end} for b in range(num_blocks)]
+
+
+def test_coverage_characters():
+    assert coverage_line([0, 1, 2, 9, 10, 57]) == ".129++"
+    assert coverage_line([]) == ""
+
+
+def test_block_ranges():
+    assert block_ranges([]) == "none"
+    assert block_ranges([3]) == "3"
+    assert block_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+
+
+def test_gaps_counts_and_rows():
+    servers = {
+        PEER_A: info(
+            0,
+            4,
+            public_name="alpha",
+            throughput=123.45,
+            inference_latency=0.0021,
+            free_cache_tokens=8192,
+            software_version="0.1.0",
+            torch_dtype="bfloat16",
+            quantization="nf4",
+        ),  # fmt: skip
+        PEER_B: info(2, 6, public_name="beta", relayed=True),
+    }
+    text = format_model(ModelHealth("tiny", records(8, servers)))
+    lines = text.splitlines()
+    assert lines[0] == "model tiny: 8 blocks, 2 servers (2 online)"
+    assert "[112211..]" in lines[1]
+    assert lines[2].endswith("no server: 6-7")
+    assert lines[3].endswith("1 server:  0-1, 4-5")
+    alpha = next(line for line in lines if "alpha" in line).split()
+    assert alpha == ["alpha", "[0:4)", "online", "123.5", "2.1", "8192", "0.1.0", "1", "bfloat16", "nf4", "direct"]
+    beta = next(line for line in lines if "beta" in line).split()
+    assert beta[1] == "[2:6)" and beta[-1] == "relayed" and beta[6] == "?"  # no software version announced
+
+
+def test_offline_server_is_listed_but_not_counted():
+    servers = {PEER_A: info(0, 3, public_name="up"), PEER_B: info(0, 3, ServerState.OFFLINE, public_name="down")}
+    text = format_model(ModelHealth("m", records(3, servers)))
+    assert "[111]" in text
+    assert "2 servers (1 online)" in text
+    down = next(line for line in text.splitlines() if "down" in line).split()
+    assert down[:3] == ["down", "[0:3)", "offline"]
+
+
+def test_unnamed_server_shows_short_peer_id_and_rows_sorted():
+    servers = {PEER_C: info(4, 8), PEER_A: info(0, 4, public_name="first")}
+    rows = server_rows(records(8, servers))
+    assert [r[0] for r in rows] == ["first", "...cccc3333"]
+
+
+def test_no_records_and_several_models():
+    text = format_health([ModelHealth("a", records(2, {})), ModelHealth("b", records(2, {PEER_A: info(0, 2)}))])
+    sections = text.split("\n\n")
+    assert sections[0].startswith("model a: 2 blocks, 0 servers")
+    assert "[..]" in sections[0] and "no server records" in sections[0]
+    assert "model b" in text and "[11]" in text
+    assert text.endswith("\n")
