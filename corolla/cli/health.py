@@ -16,9 +16,7 @@ from datetime import datetime
 
 from corolla.cli.common import add_network_flags, flag, network_config, setup_logging
 from corolla.cli.health_table import ModelHealth, format_health
-from corolla.client.bridge import LoopThread
-from corolla.swarm.discovery import fetch_block_infos
-from corolla.swarm.node import SwarmNode
+from corolla.client.swarm_reader import SwarmReader
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase the screen
 DEFAULT_WATCH_SECONDS = 2.0
@@ -61,20 +59,16 @@ def resolve_model(ref: str, num_blocks: int | None) -> tuple[str, int]:
     return default_dht_prefix(ref), num_blocks if num_blocks is not None else config.num_hidden_layers
 
 
-def snapshot(bridge: LoopThread, node: SwarmNode, models: list[tuple[str, int]]) -> str:
-    healths = [
-        ModelHealth(prefix, bridge.run(fetch_block_infos(node.dht, prefix, n), timeout=FETCH_TIMEOUT))
-        for prefix, n in models
-    ]
-    return format_health(healths)
+def snapshot(reader: SwarmReader, models: list[tuple[str, int]]) -> str:
+    return format_health([ModelHealth(prefix, reader.block_infos(prefix, n)) for prefix, n in models])
 
 
-def watch(bridge: LoopThread, node: SwarmNode, models: list[tuple[str, int]], period: float) -> None:
+def watch(reader: SwarmReader, models: list[tuple[str, int]], period: float) -> None:
     """Redraw until Ctrl-C: the screen is cleared on a terminal, snapshots are appended otherwise."""
     tty = sys.stdout.isatty()
     try:
         while True:
-            text = snapshot(bridge, node, models)
+            text = snapshot(reader, models)
             stamp = f"corolla health  {datetime.now():%H:%M:%S}  (every {period:g} s, Ctrl-C to stop)\n\n"
             sys.stdout.write((CLEAR_SCREEN if tty else "") + stamp + text + ("" if tty else "\n"))
             sys.stdout.flush()
@@ -88,19 +82,14 @@ def run(args: argparse.Namespace) -> None:
     if args.watch is not None and args.watch <= 0:
         raise SystemExit("corolla health: --watch SECONDS must be positive")
     models = [resolve_model(ref, args.num_blocks) for ref in dict.fromkeys(args.model)]
-    bridge = LoopThread(name="corolla-health-loop")
-    node = None
-    try:
-        node = bridge.run(SwarmNode.start(network_config(args, client_mode=True)))
+    with SwarmReader(
+        network_config(args, client_mode=True), name="corolla-health", timeout=FETCH_TIMEOUT
+    ) as reader:
         if args.watch is None:
-            sys.stdout.write(snapshot(bridge, node, models))
+            sys.stdout.write(snapshot(reader, models))
             sys.stdout.flush()
         else:
-            watch(bridge, node, models, args.watch)
-    finally:
-        if node is not None:
-            bridge.run(node.shutdown())
-        bridge.shutdown()
+            watch(reader, models, args.watch)
 
 
 def main(argv: list[str] | None = None) -> None:

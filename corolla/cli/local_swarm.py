@@ -24,7 +24,6 @@ Decisions:
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import os
 import select
@@ -136,31 +135,22 @@ class LocalSwarm:
         progress: Callable[[str], None] = lambda text: None,
     ) -> None:
         """Block until every started server is ONLINE in the DHT; raises SwarmStartError if one dies."""
-        from corolla.client.bridge import LoopThread
-        from corolla.swarm.node import NetworkConfig, SwarmNode
+        from corolla.client.swarm_reader import SwarmReader
+        from corolla.swarm.node import NetworkConfig
 
         servers = {name for name in self.procs if name != "dht"}
-        bridge = LoopThread(name="corolla-local-swarm")
-        try:
-            config = NetworkConfig(initial_peers=tuple(self.initial_peers), host_maddrs=(LOOPBACK,),
-                                   client_mode=True, nat_port_map=False)  # fmt: skip
-            node = bridge.run(SwarmNode.start(config), timeout=60)
-            try:
-                self._poll_online(bridge, node, servers, dht_prefix, num_blocks, timeout, progress)
-            finally:
-                bridge.run(node.shutdown(), timeout=10)
-                bridge.run(_cancel_pending(), timeout=10)  # hivemind leaves tasks behind; end them quietly
-        finally:
-            bridge.shutdown()
+        config = NetworkConfig(initial_peers=tuple(self.initial_peers), host_maddrs=(LOOPBACK,),
+                               client_mode=True, nat_port_map=False)  # fmt: skip
+        with SwarmReader(config, name="corolla-local-swarm") as reader:
+            self._poll_online(reader, servers, dht_prefix, num_blocks, timeout, progress)
 
-    def _poll_online(self, bridge, node, servers, dht_prefix, num_blocks, timeout, progress) -> None:
-        from corolla.swarm.discovery import fetch_block_infos
+    def _poll_online(self, reader, servers, dht_prefix, num_blocks, timeout, progress) -> None:
         from corolla.wire.records import ServerState
 
         start, reported, reported_at = time.monotonic(), None, 0.0
         while True:
             self.check_alive()
-            infos = bridge.run(fetch_block_infos(node.dht, dht_prefix, num_blocks), timeout=60)
+            infos = reader.block_infos(dht_prefix, num_blocks)
             states = {info.public_name: info.state for block in infos for info in block.values()}
             online = sorted(name for name in servers if states.get(name) == ServerState.ONLINE)
             if len(online) == len(servers):
@@ -214,13 +204,6 @@ class LocalSwarm:
             if proc.stdout is not None:
                 proc.stdout.close()
         self.procs.clear()
-
-
-async def _cancel_pending() -> None:
-    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

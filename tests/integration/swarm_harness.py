@@ -9,11 +9,10 @@ from pathlib import Path
 import psutil
 from hivemind.p2p import P2P, PeerID
 
-from corolla.client.bridge import LoopThread
 from corolla.client.sequence_manager import RemoteSequenceManager
+from corolla.client.swarm_reader import SwarmReader
 from corolla.models.checkpoint import Checkpoint
-from corolla.swarm.discovery import fetch_block_infos
-from corolla.swarm.node import NetworkConfig, SwarmNode
+from corolla.swarm.node import NetworkConfig
 from corolla.wire.records import ServerState
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -24,7 +23,7 @@ class Swarm:
         self.groups, self.workdir = groups, workdir
         self.initial_peers: list[str] = []
         self.servers: dict[str, object] = {}  # name -> Popen, with .peer_id
-        self._watcher: tuple[LoopThread, SwarmNode] | None = None
+        self._watcher: SwarmReader | None = None
 
     def start_dht(self) -> list[str]:
         proc = self.groups.start(["-m", "corolla.cli.run_dht", "--host_maddrs", LOOPBACK], "dht", stdout=-1)
@@ -50,18 +49,13 @@ class Swarm:
             self.wait_state(proc, ServerState.ONLINE, model_prefix(model))
         return proc
 
-    def watcher(self) -> tuple[LoopThread, SwarmNode]:
+    def records(self, dht_prefix: str, num_blocks: int):
         if self._watcher is None:
-            bridge = LoopThread()
             config = NetworkConfig(
                 initial_peers=tuple(self.initial_peers), host_maddrs=(LOOPBACK,), client_mode=True
             )
-            self._watcher = (bridge, bridge.run(SwarmNode.start(config)))
-        return self._watcher
-
-    def records(self, dht_prefix: str, num_blocks: int):
-        bridge, node = self.watcher()
-        return bridge.run(fetch_block_infos(node.dht, dht_prefix, num_blocks))
+            self._watcher = SwarmReader(config, name="test-swarm-watcher")
+        return self._watcher.block_infos(dht_prefix, num_blocks)
 
     def wait_state(self, proc, state: ServerState, dht_prefix: str, num_blocks: int = 8, timeout: float = 120):
         """Wait until the DHT shows ``proc``'s records in ``state`` (timeout only guards against a hang)."""
@@ -80,9 +74,7 @@ class Swarm:
 
     def close(self) -> None:
         if self._watcher is not None:
-            bridge, node = self._watcher
-            bridge.run(node.shutdown(), timeout=10)
-            bridge.shutdown()
+            self._watcher.close()
             self._watcher = None
 
 

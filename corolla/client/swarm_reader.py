@@ -1,0 +1,37 @@
+"""A client-mode peer that only reads the swarm's records: for `corolla health`, the demo's wait for its
+servers, and test fixtures. One sync object over the client's network thread (:mod:`corolla.client.bridge`).
+"""
+
+from __future__ import annotations
+
+from corolla.client.bridge import LoopThread
+from corolla.swarm.discovery import fetch_block_infos
+from corolla.swarm.node import NetworkConfig, SwarmNode
+from corolla.wire.records import ServerInfo
+
+
+class SwarmReader:
+    def __init__(self, network: NetworkConfig, name: str = "corolla-swarm-reader", timeout: float = 60.0):
+        self.timeout = timeout
+        self.bridge = LoopThread(name=name)
+        try:
+            self.node = self.bridge.run(SwarmNode.start(network), timeout=timeout)
+        except BaseException:
+            self.bridge.shutdown()
+            raise
+
+    def block_infos(self, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
+        """For each block, ``{peer_id: ServerInfo}`` as the DHT has it now."""
+        return self.bridge.run(fetch_block_infos(self.node.dht, dht_prefix, num_blocks), timeout=self.timeout)
+
+    def close(self) -> None:
+        try:
+            self.bridge.run(self.node.shutdown(), timeout=10)
+        finally:
+            self.bridge.shutdown()  # also ends the tasks hivemind leaves behind
+
+    def __enter__(self) -> SwarmReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
