@@ -234,7 +234,7 @@ class RemoteSequenceManager:
 
     def forward(self, hidden, positions, attention_mask, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self.num_blocks if end is None else end
-        rows = max(1, self.config.max_message_bytes // 2 // max(1, hidden[0].numel() * 4))
+        rows = max(1, self.config.max_message_bytes // 2 // max(1, hidden[0].numel() * hidden.element_size()))
         outputs = [
             self.bridge.run(
                 self._forward(
