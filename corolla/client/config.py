@@ -34,5 +34,14 @@ class ClientConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     #: Log every planned route at INFO (otherwise DEBUG).
     show_route: bool = False
+    #: Use only these servers (peer ids), if set; never use those in blocked_servers.
+    allowed_servers: frozenset[str] | None = None
+    blocked_servers: frozenset[str] = frozenset()
     #: Where the client's libp2p daemon listens (a client needs no public address).
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+
+    def __post_init__(self):
+        # users pass lists or sets of peer ids (str or hivemind PeerID); keep them as frozensets of str
+        if self.allowed_servers is not None:
+            object.__setattr__(self, "allowed_servers", frozenset(map(str, self.allowed_servers)))
+        object.__setattr__(self, "blocked_servers", frozenset(map(str, self.blocked_servers)))

@@ -12,6 +12,7 @@ lexicographically smallest peer id, so the same inputs always give the same rout
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from corolla.swarm.spans import RemoteSpanInfo
 DEFAULT_RTT = 0.05
 #: Assumed seconds per token per block of a server that announced no measurement.
 DEFAULT_LATENCY = 0.01
+#: Assumed tokens/s of a server that announced no throughput.
+DEFAULT_THROUGHPUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,46 @@ def plan_min_latency(
         hops.append(Hop(peer, i, j))
         j = i
     return hops[::-1]
+
+
+def plan_max_throughput(
+    spans: Iterable[RemoteSpanInfo],
+    start: int,
+    end: int,
+    rtts: Mapping[str, float] | None = None,
+    rng: random.Random | None = None,
+) -> list[Hop] | None:
+    """A chain over [start, end) for a batch forward/backward that spreads load over replicas.
+
+    From each boundary the next hop is drawn among the servers covering that block, with probability
+    proportional to the throughput they would give this request: announced tokens/s, discounted by
+    the share of the chain's time the hop's RTT costs. Each hop runs as far as its span allows, so
+    chains stay short; concurrent requests land on different replicas in proportion to their speed.
+    Returns None if some block is uncovered. ``rng`` makes the draw reproducible (tests).
+    """
+    if not 0 <= start < end:
+        raise ValueError(f"bad block range [{start}, {end})")
+    rtts = rtts or {}
+    rng = rng or random.Random()
+    spans = sorted(spans, key=lambda s: s.peer_id)
+    hops: list[Hop] = []
+    block = start
+    while block < end:
+        candidates = [s for s in spans if s.start <= block < s.end]
+        if not candidates:
+            return None
+        weights = []
+        for span in candidates:
+            throughput = span.info.throughput if span.info.throughput > 0 else DEFAULT_THROUGHPUT
+            blocks = min(span.end, end) - block
+            # seconds per token for this hop, amortising the RTT over a nominal batch of 1024 tokens
+            seconds = blocks / throughput + rtts.get(span.peer_id, DEFAULT_RTT) / 1024
+            weights.append(blocks / seconds)
+        span = rng.choices(candidates, weights=weights)[0]
+        hop_end = min(span.end, end)
+        hops.append(Hop(span.peer_id, block, hop_end))
+        block = hop_end
+    return hops
 
 
 def _better(a: tuple[float, int, int, str], b: tuple[float, int, int, str]) -> bool:

@@ -14,13 +14,13 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from corolla.client.bridge import LoopThread
 from corolla.client.config import ClientConfig
-from corolla.client.routing import Hop, format_route, plan_min_latency, uncovered_blocks
+from corolla.client.routing import Hop, format_route, plan_max_throughput, plan_min_latency, uncovered_blocks
 from corolla.swarm.discovery import fetch_block_infos
 from corolla.swarm.node import NetworkConfig, SwarmNode
 from corolla.swarm.spans import RemoteSpanInfo, compute_spans
@@ -36,6 +36,10 @@ from corolla.wire.messages import ForwardRequest, ForwardResponse, ModelRef, Pin
 from corolla.wire.records import WIRE_VERSION
 
 logger = logging.getLogger(__name__)
+
+#: How a route is planned: the fastest chain for one token (inference), or load spread over replicas
+#: for batch forward/backward.
+RouteMode = Literal["min_latency", "max_throughput"]
 
 #: Errors that are the caller's to fix: never retried on another server.
 FATAL_ERRORS = (BadRequestError, SessionLengthError, CacheFullError, MissingBlocksError, ChainFailedError)
@@ -116,6 +120,10 @@ class RemoteSequenceManager:
                 logger.debug("Background DHT refresh failed: %r", e)
 
     def _refusal(self, span: RemoteSpanInfo) -> str | None:
+        if self.config.allowed_servers is not None and span.peer_id not in self.config.allowed_servers:
+            return "it is not in allowed_servers"
+        if span.peer_id in self.config.blocked_servers:
+            return "it is in blocked_servers"
         if span.info.wire_version != WIRE_VERSION:
             return f"it speaks wire version {span.info.wire_version}, this client speaks {WIRE_VERSION}"
         if span.info.config_hash != self.model.config_hash:
@@ -157,30 +165,59 @@ class RemoteSequenceManager:
 
     # --- routing -----------------------------------------------------------------------------------
 
-    async def make_route(self, start: int, end: int) -> list[Hop]:
-        """A min-latency chain over [start, end), waiting (bounded) for blocks nobody usable serves."""
+    def _candidates(self, adapter: str | None, min_free_cache: int) -> list[RemoteSpanInfo]:
+        """Usable spans for a request: not banned, serving ``adapter``, with room for its cache."""
+        return [
+            s
+            for s in self.spans.values()
+            if not self.is_banned(s.peer_id)
+            and (adapter is None or adapter in s.info.adapters)
+            and (min_free_cache <= 0 or s.info.free_cache_tokens >= min_free_cache)
+        ]
+
+    async def make_route(
+        self,
+        start: int,
+        end: int,
+        *,
+        mode: RouteMode = "min_latency",
+        adapter: str | None = None,
+        min_free_cache: int = 0,
+    ) -> list[Hop]:
+        """A chain over [start, end), waiting (bounded) for blocks nobody usable serves.
+
+        ``mode`` picks the planner (see :mod:`corolla.client.routing`). Only servers that announce
+        ``adapter`` (when given) and at least ``min_free_cache`` free cache tokens per block are used;
+        when the free-cache filter alone leaves a block uncovered it is relaxed (the server then makes
+        the session wait for cache, bounded, rather than the client failing at once).
+        """
         deadline = time.monotonic() + self.config.missing_blocks_timeout
         backoff = self.config.min_backoff
         force = not self.spans
         while True:
             if force:
                 await self.update(force=True)
-            usable = [s for s in self.spans.values() if not self.is_banned(s.peer_id)]
-            await self._measure_rtts([s.peer_id for s in usable])
-            usable = [s for s in usable if not self.is_banned(s.peer_id)]
-            route = plan_min_latency(usable, start, end, self.rtts)
+            await self._measure_rtts([s.peer_id for s in self._candidates(adapter, 0)])
+            usable = self._candidates(adapter, min_free_cache)
+            if min_free_cache > 0 and uncovered_blocks(usable, start, end):
+                usable = self._candidates(adapter, 0)
+            if mode == "max_throughput":
+                route = plan_max_throughput(usable, start, end, self.rtts)
+            else:
+                route = plan_min_latency(usable, start, end, self.rtts)
             if route is not None:
                 log = logger.info if self.config.show_route else logger.debug
-                log("Route for blocks [%d, %d): %s", start, end, format_route(route, self._names()))
+                log("Route for blocks [%d, %d) (%s): %s", start, end, mode, format_route(route, self._names()))
                 return route
             missing = uncovered_blocks(usable, start, end)
             if await self._unban_live_servers_of(missing):
                 continue  # a banned server is the only one left for some blocks, and it answers again
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise MissingBlocksError(
-                    missing, self.model.dht_prefix, self.config.missing_blocks_timeout, self._why()
-                )
+                why = self._why()
+                if adapter is not None:
+                    why = "; ".join(filter(None, [why, f"only servers announcing adapter {adapter!r} are used"]))
+                raise MissingBlocksError(missing, self.model.dht_prefix, self.config.missing_blocks_timeout, why)
             banned = sorted(p for p in self.spans if self.is_banned(p))
             logger.warning(
                 "No usable server for blocks %s (%d banned); retrying in %.1f s", missing, len(banned), backoff
@@ -248,7 +285,7 @@ class RemoteSequenceManager:
     async def _forward(self, hidden, positions, mask, start: int, end: int) -> torch.Tensor:
         block, x, failures = start, hidden, 0
         while block < end:
-            hop = (await self.make_route(block, end))[0]
+            hop = (await self.make_route(block, end, mode="max_throughput"))[0]
             request = ForwardRequest(self.model, hop.start, hop.end, x, positions, mask)
             try:
                 response = await call(
