@@ -23,6 +23,19 @@ torch.set_num_threads(1)
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def corolla_cache_dir(tmp_path_factory):
+    """Servers started by tests cache their throughput measurement here, not in the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("corolla-cache")
+    previous = os.environ.get("COROLLA_CACHE_DIR")
+    os.environ["COROLLA_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("COROLLA_CACHE_DIR", None)
+    else:
+        os.environ["COROLLA_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return write_llama(tmp_path_factory.mktemp("ckpt") / "tiny-llama")

@@ -26,7 +26,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("model", metavar="MODEL", help="local checkpoint folder or Hub repo id")
     blocks = parser.add_mutually_exclusive_group()
     flag(blocks, "num_blocks", type=int, default=None,
-         help="host this many consecutive blocks, placed where the swarm has the fewest servers")  # fmt: skip
+         help="host this many consecutive blocks, placed where the swarm is weakest (default: as many as "
+              "fit in free memory with their cache budget)")  # fmt: skip
     flag(blocks, "block_indices", type=_block_range, default=None, metavar="START:END",
          help="host exactly blocks START..END-1")  # fmt: skip
     flag(parser, "dht_prefix", default=None,
@@ -52,6 +53,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     flag(parser, "expiration", type=float, default=None,
          help="seconds a DHT announcement lives (default: 2.5 x update_period)")  # fmt: skip
     flag(parser, "num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    flag(parser, "throughput", default="auto", metavar="auto|eval|N",
+         help="tokens/s per block to announce: auto = measured once and cached on disk per device, dtype and "
+              "model; eval = measure again; a number = use it (default: %(default)s)")  # fmt: skip
+    flag(parser, "balance_period", type=float, default=120,
+         help="seconds between checks whether moving to other blocks would help the swarm (jittered; 0 = never "
+              "move; --block_indices never moves) (default: %(default)s)")  # fmt: skip
+    flag(parser, "balance_quality", type=float, default=0.75,
+         help="move only if the swarm's slowest block now is below this share of its speed after the move "
+              "(0 < q <= 1; 1 = any improvement) (default: %(default)s)")  # fmt: skip
     add_network_flags(parser)
     return parser
 
@@ -76,6 +86,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         update_period=args.update_period,
         expiration=args.expiration,
         num_threads=args.num_threads,
+        throughput=args.throughput,
+        balance_period=args.balance_period,
+        balance_quality=args.balance_quality,
     )
 
 

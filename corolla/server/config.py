@@ -43,6 +43,14 @@ class ServerConfig:
     update_period: float = 30.0
     expiration: float | None = None
     num_threads: int | None = None
+    #: "auto" (cached measurement, else measure), "eval" (measure anew) or tokens/s per block.
+    throughput: str = "auto"
+    #: Rebalancing: check every ``balance_period`` seconds (jittered; 0 = never) and move when the swarm's
+    #: bottleneck now is below ``balance_quality`` x the bottleneck after the move. A decision is confirmed
+    #: after a random pause of up to ``balance_confirm`` seconds.
+    balance_period: float = 120.0
+    balance_quality: float = 0.75
+    balance_confirm: float = 5.0
 
     def __post_init__(self) -> None:
         if self.block_indices is not None and self.num_blocks is not None:
@@ -54,6 +62,10 @@ class ServerConfig:
         for name in ("inference_max_length", "max_batch_size", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.balance_quality <= 1:
+            raise ValueError(f"balance_quality must be in (0, 1], got {self.balance_quality}")
+        if self.balance_period < 0 or self.balance_confirm < 0:
+            raise ValueError("balance_period and balance_confirm must be >= 0")
         if self.cache.attn_cache_tokens < 0:
             raise ValueError(f"attn_cache_tokens must be >= 0, got {self.cache.attn_cache_tokens}")
 

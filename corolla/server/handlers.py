@@ -36,6 +36,8 @@ from corolla.wire.messages import (
     ModelRef,
     PingRequest,
     PingResponse,
+    ProbeRequest,
+    ProbeResponse,
 )
 from corolla.wire.records import ServerInfo
 from corolla.wire.tensors import dtype_name
@@ -90,6 +92,8 @@ class RequestHandler:
             await self._send(writer, PingResponse(time.time()))
         elif isinstance(request, InfoRequest):
             await self._send(writer, InfoResponse(self.get_info()))
+        elif isinstance(request, ProbeRequest):  # another server measuring its bandwidth to us
+            await self._send(writer, ProbeResponse(len(request.payload)))
         elif isinstance(request, ForwardRequest):
             self._check_model(request.model)
             self._check_accepting()

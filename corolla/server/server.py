@@ -1,10 +1,17 @@
-"""A server's lifecycle: join the swarm, choose and load blocks, measure, announce, serve, leave.
+"""A server's lifecycle: join the swarm, choose and load blocks, measure, announce, serve, move, leave.
 
 ``Server.run`` is the whole life of one server as a sequence of steps, each a small method. States
 announced in the DHT follow it: JOINING while weights load, ONLINE while serving, OFFLINE on a clean
 exit (SIGINT/SIGTERM: in-flight steps finish, new ones are refused, then the records say offline).
 A server that dies otherwise stops refreshing its records, which lapse after ``record_expiration``;
 its ``p2pd`` dies with it (see :mod:`corolla.swarm.reaper`), so it is never left reachable.
+
+Unless its blocks were pinned with ``--block_indices``, a server re-checks the swarm every
+``balance_period`` seconds (jittered) and moves when :func:`~corolla.server.block_selection.rebalance_target`
+says that raises the swarm's bottleneck: it announces JOINING on the new blocks and OFFLINE on the old
+ones, drains its sessions (their clients fail over), frees the old blocks, loads the new ones and goes
+ONLINE again. A decision is confirmed by a second look after a random pause, so that two servers that
+decide at once do not both move.
 """
 
 from __future__ import annotations
@@ -12,30 +19,43 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
+import random
 import time
 
+import psutil
 import torch
 
 from corolla import __version__
 from corolla.models.checkpoint import Checkpoint, config_hash, default_dht_prefix
+from corolla.models.registry import get_family
 from corolla.models.stack import BlockStack
 from corolla.server.backend import BlockBackend
-from corolla.server.block_selection import choose_best_start
+from corolla.server.block_selection import Span, block_throughputs, choose_best_start, quality, rebalance_target
 from corolla.server.compute import ComputeWorker
 from corolla.server.config import ServerConfig
 from corolla.server.handlers import RequestHandler
 from corolla.server.memory_cache import MemoryCache
+from corolla.server.throughput import (
+    PROBE_BYTES,
+    ComputeThroughput,
+    announced_throughput,
+    compute_throughput,
+    network_tokens_per_second,
+)
 from corolla.swarm.discovery import announce, fetch_block_infos
 from corolla.swarm.node import SwarmNode
-from corolla.swarm.spans import servers_per_block
-from corolla.swarm.transport import PROTOCOL
-from corolla.wire.messages import ModelRef
+from corolla.swarm.spans import RemoteSpanInfo, compute_spans
+from corolla.swarm.transport import PROTOCOL, call
+from corolla.wire.messages import ModelRef, PingRequest, PingResponse, ProbeRequest, ProbeResponse
 from corolla.wire.records import ServerInfo, ServerState
 from corolla.wire.tensors import DTYPES, dtype_name
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0
+#: Memory left for Python, torch, the network stack and activations when sizing --num_blocks from free memory.
+MEMORY_RESERVE = 1.5 * 2**30
 
 
 class Server:
@@ -44,41 +64,88 @@ class Server:
         self.node: SwarmNode | None = None
         self.handler: RequestHandler | None = None
         self.info: ServerInfo | None = None
+        self.compute: ComputeThroughput | None = None
+        self.network_throughput: float | None = None
+        self.next_rtts: tuple[tuple[str, float], ...] = ()
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         model_config = Checkpoint(cfg.model, revision=cfg.revision, token=cfg.token).config
+        self.model_config = model_config
+        self.num_model_blocks = model_config.num_hidden_layers
         self.dht_prefix = cfg.dht_prefix or default_dht_prefix(cfg.model)
         self.model_ref = ModelRef(self.dht_prefix, config_hash(model_config))
-        dtype = resolve_dtype(cfg.torch_dtype, model_config)
+        self.dtype = dtype = resolve_dtype(cfg.torch_dtype, model_config)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.node = await SwarmNode.start(cfg.network)
         try:
-            start, end = await self._choose_blocks(model_config.num_hidden_layers)
-            self.info = self._make_info(ServerState.JOINING, start, end, dtype)
-            await self._announce()
-            worker = ComputeWorker()
-            try:
-                stack = await self._load(start, end, dtype)
-                backend = BlockBackend(stack, worker)
-                memory = MemoryCache(cfg.cache.attn_cache_tokens * (end - start), cfg.cache.max_alloc_timeout)
-                latency = await self._measure_latency(backend)
-                self.info = self._make_info(ServerState.ONLINE, start, end, dtype, latency)
-                self.handler = RequestHandler(
-                    backend, memory, self.model_ref, lambda: self._current_info(memory),
-                    inference_max_length=cfg.inference_max_length, max_batch_size=cfg.max_batch_size,
-                    request_timeout=cfg.request_timeout, session_timeout=cfg.session_timeout,
-                    max_message_bytes=cfg.max_message_bytes,
-                )  # fmt: skip
-                await self.node.p2p.add_binary_stream_handler(PROTOCOL, self.handler)
-                await self._serve_until(stop, memory)
-                await self._leave()
-            finally:
-                worker.shutdown()
+            # one stream handler for the server's whole life; it serves through whichever span is loaded
+            await self.node.p2p.add_binary_stream_handler(PROTOCOL, self._dispatch)
+            loop = asyncio.get_running_loop()
+            self.compute = await loop.run_in_executor(
+                None,
+                lambda: compute_throughput(
+                    cfg.throughput, model_config, self.model_ref.config_hash, dtype=dtype, device=cfg.device
+                ),
+            )
+            await self._measure_network()
+            start, end = await self._choose_blocks(self.num_model_blocks)
+            while start is not None and not stop.is_set():
+                start, end = await self._serve_span(start, end, stop)
         finally:
             await self.node.shutdown()
             logger.info("Server stopped")
+
+    @property
+    def peer_id(self) -> str:
+        return self.node.peer_id.to_base58()
+
+    async def _dispatch(self, stream_info, reader, writer) -> None:
+        handler = self.handler
+        if handler is None:  # between spans while moving: the caller sees EOF and goes elsewhere
+            writer.close()
+            return
+        await handler(stream_info, reader, writer)
+
+    async def _serve_span(self, start: int, end: int, stop: asyncio.Event) -> tuple[int | None, int | None]:
+        """Host [start, end) until told to stop (returns (None, None)) or until a move (returns the new span)."""
+        cfg = self.config
+        self.info = self._make_info(ServerState.JOINING, start, end)
+        await self._announce()
+        worker = ComputeWorker()
+        try:
+            stack = await self._load(start, end, self.dtype)
+            backend = BlockBackend(stack, worker)
+            memory = MemoryCache(cfg.cache.attn_cache_tokens * (end - start), cfg.cache.max_alloc_timeout)
+            latency = await self._measure_latency(backend)
+            self.info = self._make_info(ServerState.ONLINE, start, end, latency)
+            self.handler = RequestHandler(
+                backend, memory, self.model_ref, lambda: self._current_info(memory),
+                inference_max_length=cfg.inference_max_length, max_batch_size=cfg.max_batch_size,
+                request_timeout=cfg.request_timeout, session_timeout=cfg.session_timeout,
+                max_message_bytes=cfg.max_message_bytes,
+            )  # fmt: skip
+            new_start = await self._serve_until(stop, memory)
+            if new_start is None:
+                await self._leave()
+                return None, None
+            await self._move_out(new_start, new_start + (end - start))
+            return new_start, new_start + (end - start)
+        finally:
+            self.handler = None
+            worker.shutdown()
+
+    async def _swarm_spans(self, states=(ServerState.JOINING, ServerState.ONLINE)) -> dict[str, RemoteSpanInfo]:
+        infos = await fetch_block_infos(self.node.dht, self.dht_prefix, self.num_model_blocks)
+        return {
+            peer: span
+            for peer, span in compute_spans(infos, states).items()
+            if span.info.config_hash == self.model_ref.config_hash
+        }
+
+    def _selection_spans(self, spans: dict[str, RemoteSpanInfo]) -> list[Span]:
+        return [Span(p, s.start, s.end, s.info.throughput or 1.0) for p, s in spans.items()]
 
     async def _choose_blocks(self, total: int) -> tuple[int, int]:
         cfg = self.config
@@ -86,21 +153,46 @@ class Server:
             start, end = cfg.block_indices
             if end > total:
                 raise ValueError(f"--block_indices {start}:{end} is past the model's {total} blocks")
-            logger.info("Hosting blocks [%d, %d) as told by --block_indices", start, end)
+            logger.info("Hosting blocks [%d, %d) as told by --block_indices (no rebalancing)", start, end)
             return start, end
-        if cfg.num_blocks is None:
-            logger.info("Hosting all %d blocks (neither --num_blocks nor --block_indices given)", total)
-            return 0, total
-        if cfg.num_blocks > total:
-            raise ValueError(f"--num_blocks {cfg.num_blocks} is more than the model's {total} blocks")
-        infos = await fetch_block_infos(self.node.dht, self.dht_prefix, total)
-        counts = servers_per_block(infos, (ServerState.JOINING, ServerState.ONLINE))
-        start = choose_best_start(counts, cfg.num_blocks)
+        num_blocks = cfg.num_blocks
+        if num_blocks is None:
+            num_blocks = self._blocks_that_fit(total)
+        elif num_blocks > total:
+            raise ValueError(f"--num_blocks {num_blocks} is more than the model's {total} blocks")
+        spans = await self._swarm_spans()
+        spans.pop(self.peer_id, None)
+        throughputs = block_throughputs(self._selection_spans(spans), total)
+        start = choose_best_start(throughputs, num_blocks)
         logger.info(
-            "Hosting blocks [%d, %d): the first span of %d blocks with the fewest servers (servers per block: %s)",
-            start, start + cfg.num_blocks, cfg.num_blocks, counts,
+            "Hosting blocks [%d, %d): the weakest span of %d blocks (swarm tokens/s per block: %s)",
+            start, start + num_blocks, num_blocks, [round(t, 1) for t in throughputs],
         )  # fmt: skip
-        return start, start + cfg.num_blocks
+        return start, start + num_blocks
+
+    def _blocks_that_fit(self, total: int) -> int:
+        """How many blocks fit in free memory, each with its share of the KV-cache budget."""
+        cfg = self.config
+        family = get_family(self.model_config.model_type)
+        spec = family.block_spec(self.model_config, 0)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        weights = sum(math.prod(shape) for parts in family.weight_map(spec).values() for _, shape in parts)
+        cache = cfg.cache.attn_cache_tokens * 2 * spec.num_kv_heads * spec.head_dim
+        per_block = (weights + cache) * element
+        if torch.device(cfg.device).type == "cuda":
+            free = torch.cuda.mem_get_info(torch.device(cfg.device))[0]
+        else:
+            free = psutil.virtual_memory().available
+        usable = max(0.0, free * 0.9 - MEMORY_RESERVE)
+        fit = int(usable // per_block)
+        num_blocks = max(1, min(total, fit))
+        logger.info(
+            "Hosting %d blocks: %.1f GiB free, %.1f MiB per block with its cache budget (weights + "
+            "--attn_cache_tokens %d)%s",
+            num_blocks, free / 2**30, per_block / 2**20, cfg.cache.attn_cache_tokens,
+            "" if fit >= 1 else "; even one block may not fit",
+        )  # fmt: skip
+        return num_blocks
 
     async def _load(self, start: int, end: int, dtype: torch.dtype) -> BlockStack:
         cfg = self.config
@@ -134,50 +226,170 @@ class Server:
         logger.info("Measured %.2f ms per token per block for inference", latency * 1000)
         return latency
 
-    def _make_info(self, state: ServerState, start: int, end: int, dtype: torch.dtype, latency: float = 0.0):
+    def _make_info(self, state: ServerState, start: int, end: int, latency: float = 0.0) -> ServerInfo:
         cfg = self.config
+        compute = self.compute
+        if latency > 0:  # the real blocks' measurement beats the random block's
+            compute = ComputeThroughput(inference=1.0 / latency, forward=compute.forward)
         return ServerInfo(
             state=state, start=start, end=end, public_name=cfg.public_name,
-            throughput=1.0 / latency if latency > 0 else 0.0, inference_latency=latency,
+            throughput=announced_throughput(compute, self.network_throughput),
+            inference_latency=latency or 1.0 / compute.inference,
             free_cache_tokens=cfg.cache.attn_cache_tokens, inference_max_length=cfg.inference_max_length,
-            max_batch_size=cfg.max_batch_size, torch_dtype=dtype_name(dtype),
+            max_batch_size=cfg.max_batch_size, torch_dtype=dtype_name(self.dtype),
             software_version=__version__, config_hash=self.model_ref.config_hash,
+            next_rtts=self.next_rtts, forward_throughput=compute.forward,
+            network_throughput=self.network_throughput or 0.0,
         )  # fmt: skip
 
     def _current_info(self, memory: MemoryCache) -> ServerInfo:
         assert self.info is not None
         blocks = self.info.end - self.info.start
-        return dataclasses.replace(self.info, free_cache_tokens=memory.free // max(blocks, 1))
+        return dataclasses.replace(
+            self.info, free_cache_tokens=memory.free // max(blocks, 1), next_rtts=self.next_rtts
+        )
 
-    async def _announce(self) -> None:
-        assert self.info is not None and self.node is not None
-        blocks = range(self.info.start, self.info.end)
+    async def _announce(self, info: ServerInfo | None = None) -> None:
+        info = info or self.info
+        assert info is not None and self.node is not None
         await announce(
             self.node.dht,
             self.dht_prefix,
-            self.node.peer_id.to_base58(),
-            blocks,
-            self.info,
+            self.peer_id,
+            range(info.start, info.end),
+            info,
             self.config.record_expiration,
         )
 
-    async def _serve_until(self, stop: asyncio.Event, memory: MemoryCache) -> None:
+    async def _measure_network(self) -> None:
+        """Bandwidth to up to three other servers of this model (never anything outside the swarm)."""
+        try:
+            spans = await self._swarm_spans((ServerState.ONLINE,))
+        except Exception as e:
+            logger.warning("Could not read the DHT to measure the network: %r", e)
+            spans = {}
+        peers = [p for p in spans if p != self.peer_id][:3]
+        if not peers:
+            logger.info("No other server to measure bandwidth against: announcing compute throughput only")
+            return
+        payload = bytes(PROBE_BYTES)
+        best = 0.0
+        for peer in peers:
+            t0 = time.perf_counter()
+            try:
+                await call(self.node.p2p, peer, ProbeRequest(payload), ProbeResponse, 10.0)
+            except Exception as e:
+                logger.debug("Bandwidth probe to %s failed: %r", peer, e)
+                continue
+            best = max(best, PROBE_BYTES / (time.perf_counter() - t0))
+        if best > 0:
+            self.network_throughput = network_tokens_per_second(best, self.model_config.hidden_size, self.dtype)
+            logger.info(
+                "Measured %.0f Mbit/s to other servers: %.0f tokens/s of hidden states",
+                best * 8 / 1e6, self.network_throughput,
+            )  # fmt: skip
+
+    async def _measure_next_rtts(self) -> None:
+        """RTTs to the servers hosting the block after ours (announced for routing and the dashboard)."""
         assert self.info is not None
+        if self.info.end >= self.num_model_blocks:
+            self.next_rtts = ()
+            return
+        spans = await self._swarm_spans((ServerState.ONLINE,))
+        peers = sorted(p for p, s in spans.items() if s.start <= self.info.end < s.end and p != self.peer_id)[:5]
+
+        async def rtt(peer: str) -> tuple[str, float] | None:
+            t0 = time.perf_counter()
+            try:
+                await call(self.node.p2p, peer, PingRequest(), PingResponse, 2.0)
+            except Exception:
+                return None
+            return peer, round(time.perf_counter() - t0, 6)
+
+        self.next_rtts = tuple(r for r in await asyncio.gather(*(rtt(p) for p in peers)) if r is not None)
+
+    async def _serve_until(self, stop: asyncio.Event, memory: MemoryCache) -> int | None:
+        """Serve, announcing every ``update_period``; returns a new start if the server should move."""
+        assert self.info is not None
+        cfg = self.config
         self.info = self._current_info(memory)
         await self._announce()
         logger.info(
-            "Serving blocks [%d, %d) of %s as %s",
-            self.info.start,
-            self.info.end,
-            self.dht_prefix,
-            self.node.peer_id,
+            "Serving blocks [%d, %d) of %s as %s", self.info.start, self.info.end, self.dht_prefix, self.peer_id
         )
+        rebalance = cfg.block_indices is None and cfg.balance_period > 0
+        next_check = time.monotonic() + _jitter(cfg.balance_period)
+        next_announce = time.monotonic() + cfg.update_period
         while not stop.is_set():
+            now = time.monotonic()
+            wake = min(next_announce, next_check) if rebalance else next_announce
             try:
-                await asyncio.wait_for(stop.wait(), self.config.update_period)
+                await asyncio.wait_for(stop.wait(), max(0.0, wake - now))
+                return None
             except asyncio.TimeoutError:
+                pass
+            if time.monotonic() >= next_announce:
+                next_announce = time.monotonic() + cfg.update_period
+                try:
+                    await self._measure_next_rtts()
+                except Exception as e:
+                    logger.debug("Measuring RTTs to the next servers failed: %r", e)
                 self.info = self._current_info(memory)
                 await self._announce()
+            if rebalance and time.monotonic() >= next_check:
+                next_check = time.monotonic() + _jitter(cfg.balance_period)
+                try:
+                    target = await self._rebalance_target(stop)
+                except Exception as e:
+                    logger.warning("Rebalancing check failed: %r", e)
+                    target = None
+                if target is not None:
+                    return target
+        return None
+
+    async def _rebalance_target(self, stop: asyncio.Event) -> int | None:
+        """Where to move, if moving raises the swarm's bottleneck enough; confirmed by a second look."""
+        assert self.info is not None
+        me = Span(self.peer_id, self.info.start, self.info.end, self.info.throughput or 1.0)
+
+        async def target() -> tuple[int | None, list[Span]]:
+            spans = await self._swarm_spans()
+            spans.pop(self.peer_id, None)
+            others = self._selection_spans(spans)
+            return rebalance_target([*others, me], me, self.num_model_blocks, self.config.balance_quality), others
+
+        first, _ = await target()
+        if first is None:
+            return None
+        try:  # a random pause, then look again: another server may be moving to the same place
+            await asyncio.wait_for(stop.wait(), random.uniform(0.2, 1.0) * self.config.balance_confirm)
+            return None
+        except asyncio.TimeoutError:
+            pass
+        second, others = await target()
+        if second != first:
+            logger.info("Not moving: the swarm changed while deciding")
+            return None
+        length = me.end - me.start
+        (now_min, now_gaps) = quality(block_throughputs([*others, me], self.num_model_blocks))
+        moved = Span(me.peer_id, first, first + length, me.throughput)
+        (after_min, after_gaps) = quality(block_throughputs([*others, moved], self.num_model_blocks))
+        logger.info(
+            "Moving from blocks [%d, %d) to [%d, %d): the swarm's bottleneck goes from %.1f to %.1f tokens/s "
+            "(blocks with no server: %d -> %d)",
+            me.start, me.end, first, first + length, now_min, after_min, now_gaps, after_gaps,
+        )  # fmt: skip
+        return first
+
+    async def _move_out(self, new_start: int, new_end: int) -> None:
+        """Announce the new blocks as joining and the old as offline, then drain the old blocks' sessions."""
+        assert self.info is not None and self.handler is not None
+        old = self.info
+        await self._announce(self._make_info(ServerState.JOINING, new_start, new_end))
+        self.info = dataclasses.replace(old, state=ServerState.OFFLINE)
+        await self._announce()
+        await self.handler.drain(SHUTDOWN_GRACE)
+        logger.info("Left blocks [%d, %d); their sessions were drained or handed to failover", old.start, old.end)
 
     async def _leave(self) -> None:
         assert self.info is not None and self.handler is not None
@@ -196,6 +408,10 @@ class Server:
         except (asyncio.TimeoutError, OSError) as e:  # e.g. Ctrl-C in a terminal also stopped p2pd
             logger.warning("Could not announce offline (%r); the records will expire", e)
         await drain
+
+
+def _jitter(period: float) -> float:
+    return period * random.uniform(0.7, 1.3)
 
 
 def resolve_dtype(name: str, model_config) -> torch.dtype:

@@ -106,6 +106,18 @@ class InferenceStepResult:
 
 
 @dataclass(frozen=True)
+class ProbeRequest:
+    """A payload of known size, for another server to estimate its bandwidth to this one."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class ProbeResponse:
+    received: int
+
+
+@dataclass(frozen=True)
 class ErrorResponse:
     """``code`` is one of :data:`corolla.wire.errors.ERROR_CLASSES`; ``message`` says what was wrong."""
 
@@ -125,6 +137,8 @@ class Kind(enum.IntEnum):
     INFERENCE_STEP = 9
     INFERENCE_STEP_RESULT = 10
     ERROR = 11
+    PROBE_REQUEST = 40
+    PROBE_RESPONSE = 41
 
 
 MESSAGE_CLASSES: dict[Kind, type] = {
@@ -139,5 +153,7 @@ MESSAGE_CLASSES: dict[Kind, type] = {
     Kind.INFERENCE_STEP: InferenceStep,
     Kind.INFERENCE_STEP_RESULT: InferenceStepResult,
     Kind.ERROR: ErrorResponse,
+    Kind.PROBE_REQUEST: ProbeRequest,
+    Kind.PROBE_RESPONSE: ProbeResponse,
 }
 KINDS: dict[type, Kind] = {cls: kind for kind, cls in MESSAGE_CLASSES.items()}

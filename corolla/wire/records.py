@@ -25,7 +25,9 @@ class ServerInfo:
     """What a server tells the swarm about itself. Block range ``[start, end)``.
 
     ``inference_latency`` is the measured seconds per token per block for one inference step;
-    ``throughput`` the tokens/s the server can serve through one block; ``free_cache_tokens`` how many
+    ``throughput`` the tokens/s the server can serve through one block (the minimum of its inference,
+    forward and network rates; ``forward_throughput`` and ``network_throughput`` are the latter two, 0 when
+    unknown); ``free_cache_tokens`` how many
     more tokens (per block) its KV-cache budget can hold now; ``next_rtts`` pairs of (peer id, seconds)
     to servers hosting the blocks after its own.
     """
@@ -47,3 +49,5 @@ class ServerInfo:
     config_hash: str = ""
     relayed: bool = False
     next_rtts: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    forward_throughput: float = 0.0
+    network_throughput: float = 0.0
