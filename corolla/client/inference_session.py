@@ -150,7 +150,9 @@ class InferenceSession:
         """Open sessions covering [start, end) and replay ``history`` (that span's inputs) into them."""
         failures = 0
         while True:
-            route = await self.manager.make_route(start, end)
+            # skip servers that announce too little free cache for this session (relaxed if nobody has room)
+            need = (self._batch_size or 1) * self.max_length
+            route = await self.manager.make_route(start, end, min_free_cache=need)
             opened: list[_HopSession] = []
             try:
                 x = torch.cat(history, dim=1) if history else None

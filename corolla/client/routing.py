@@ -108,7 +108,7 @@ def plan_max_throughput(
             return None
         weights = []
         for span in candidates:
-            throughput = span.info.throughput if span.info.throughput > 0 else DEFAULT_THROUGHPUT
+            throughput = span_forward_throughput(span)
             blocks = min(span.end, end) - block
             # seconds per token for this hop, amortising the RTT over a nominal batch of 1024 tokens
             seconds = blocks / throughput + rtts.get(span.peer_id, DEFAULT_RTT) / 1024
@@ -118,6 +118,15 @@ def plan_max_throughput(
         hops.append(Hop(span.peer_id, block, hop_end))
         block = hop_end
     return hops
+
+
+def span_forward_throughput(span: RemoteSpanInfo) -> float:
+    """Tokens/s per block a server offers a batch forward: its forward compute, capped by its network."""
+    info = span.info
+    rate = info.forward_throughput if info.forward_throughput > 0 else info.throughput
+    if info.network_throughput > 0:
+        rate = min(rate, info.network_throughput) if rate > 0 else info.network_throughput
+    return rate if rate > 0 else DEFAULT_THROUGHPUT
 
 
 def _better(a: tuple[float, int, int, str], b: tuple[float, int, int, str]) -> bool:

@@ -63,3 +63,33 @@ def test_block_choice_fills_gaps_first_then_least_served():
     assert choose_best_start([0, 0, 0, 0], 2) == 0
     with pytest.raises(ValueError):
         choose_best_start([0, 0], 3)
+
+
+def tp_span(peer: str, start: int, end: int, throughput: float) -> RemoteSpanInfo:
+    info = ServerInfo(ServerState.ONLINE, start, end, throughput=throughput, forward_throughput=throughput)
+    return RemoteSpanInfo(peer, start, end, info)
+
+
+def test_max_throughput_spreads_requests_in_proportion_to_speed():
+    import random
+
+    from corolla.client.routing import plan_max_throughput
+
+    spans = [tp_span("fast", 0, 8, 300.0), tp_span("slow", 0, 8, 100.0)]
+    rng = random.Random(0)
+    firsts = [plan_max_throughput(spans, 0, 8, {}, rng)[0].peer_id for _ in range(2000)]
+    share = firsts.count("fast") / len(firsts)
+    assert 0.70 < share < 0.80  # 3:1 in expectation
+    # every route is a valid chain covering the range
+    for _ in range(50):
+        route = plan_max_throughput([*spans, tp_span("half", 4, 8, 1000.0)], 2, 8, {}, rng)
+        assert route[0].start == 2 and route[-1].end == 8
+        assert all(a.end == b.start for a, b in zip(route, route[1:]))
+
+
+def test_max_throughput_reports_gaps_and_uses_the_only_server():
+    from corolla.client.routing import plan_max_throughput
+
+    assert plan_max_throughput([tp_span("a", 0, 4, 10.0)], 0, 8) is None
+    route = plan_max_throughput([tp_span("a", 0, 4, 10.0), tp_span("b", 4, 8, 1.0)], 0, 8)
+    assert route == [Hop("a", 0, 4), Hop("b", 4, 8)]

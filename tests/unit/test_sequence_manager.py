@@ -100,3 +100,44 @@ def test_failure_policy(make):
     assert manager.is_banned("a")
     with pytest.raises(ChainFailedError, match="after 3 failures"):
         manager.note_failure("a", EOFError(), 3)
+
+
+def test_allowed_and_blocked_servers(make):
+    servers = {"a": info(0, 4), "b": info(0, 4), "c": info(0, 4)}
+    manager, _ = make(servers, blocked_servers=["a", "b"])
+    assert [h.peer_id for h in manager.bridge.run(manager.make_route(0, 4))] == ["c"]
+    assert "blocked_servers" in manager.refused["a"]
+    manager, _ = make(servers, allowed_servers={"b"})
+    assert [h.peer_id for h in manager.bridge.run(manager.make_route(0, 4))] == ["b"]
+    manager, _ = make(servers, allowed_servers=["a"], blocked_servers=["a"])
+    with pytest.raises(MissingBlocksError, match="blocked_servers"):
+        manager.bridge.run(manager.make_route(0, 4))
+
+
+def test_route_filters_on_adapter_and_free_cache(make):
+    import dataclasses
+
+    servers = {
+        "plain": dataclasses.replace(info(0, 4), free_cache_tokens=10_000),
+        "tuned": dataclasses.replace(info(0, 4), adapters=("math",), free_cache_tokens=100),
+    }
+    manager, _ = make(servers)
+    route = manager.bridge.run(manager.make_route(0, 4, adapter="math"))
+    assert [h.peer_id for h in route] == ["tuned"]
+    with pytest.raises(MissingBlocksError, match="adapter 'poetry'"):
+        manager.bridge.run(manager.make_route(0, 4, adapter="poetry"))
+    # a session needing 1000 tokens of cache skips the server that has room for 100 ...
+    route = manager.bridge.run(manager.make_route(0, 4, min_free_cache=1000))
+    assert [h.peer_id for h in route] == ["plain"]
+    # ... but when nobody has room, it still gets a route (the server makes it wait, bounded)
+    route = manager.bridge.run(manager.make_route(0, 4, adapter="math", min_free_cache=1000))
+    assert [h.peer_id for h in route] == ["tuned"]
+
+
+def test_max_throughput_mode_uses_every_replica(make):
+    import dataclasses
+
+    servers = {p: dataclasses.replace(info(0, 4), throughput=100.0) for p in ("a", "b")}
+    manager, _ = make(servers)
+    seen = {manager.bridge.run(manager.make_route(0, 4, mode="max_throughput"))[0].peer_id for _ in range(60)}
+    assert seen == {"a", "b"}
