@@ -7,7 +7,11 @@ A `ModelFamily` (one per HF `model_type`, registered in `corolla.models.registry
 - the explicit weight map of a block (`weight_map`): for each of our parameter names, the HF tensor
   names (relative to `block_prefix`) and their expected shapes, concatenated along dim 0 when several
   HF tensors feed one fused parameter (q/k/v, gate/up);
-- the HF names of the client-side tensors (embeddings, final norm, LM head).
+- the HF names of the client-side tensors (embeddings, final norm, LM head) and the kinds of the
+  client's norms (RMSNorm or LayerNorm; BLOOM's LayerNorm after the word embeddings);
+- optionally: a rewrite of the assembled state (`transform_state`, for fused layouts that interleave
+  heads, like BLOOM's and Falcon's query_key_value) and a per-head positional bias (ALiBi) that
+  replaces rotary embeddings (`position_bias`).
 
 `assemble_state` turns loaded HF tensors into a block state dict, checking every shape and failing
 loudly, with names, on anything missing. Unexpected tensors are found by the loader
@@ -42,6 +46,7 @@ class BlockSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None  # None = full attention
+    qk_norm: bool = False  # RMSNorm over head_dim on every query and key head (Qwen3)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,15 @@ class ModelFamily:
     lm_head_name: str = "lm_head.weight"
     # tensors some checkpoints carry that hold no weights (old Llama exports saved rotary buffers)
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    # (spec, assembled state) -> state: reorders fused HF layouts (BLOOM's per-head q/k/v) into ours
+    transform_state: Callable[[BlockSpec, dict], dict] | None = None
+    # config -> per-head key bias (ALiBi) or None; a family with a bias has no rotary embedding
+    position_bias: Callable[[object], Callable | None] = lambda config: None
+    # client side: final norm kind ("rms": weight only; "layer": LayerNorm with weight and bias) and
+    # its epsilon; the LayerNorm after the word embeddings (BLOOM), by HF name prefix, if any
+    norm_kind: str = "rms"
+    norm_eps: Callable[[object], float] = lambda config: config.rms_norm_eps
+    embed_norm_prefix: str | None = None
 
     def prefix(self, index: int) -> str:
         return self.block_prefix.format(index=index)
@@ -73,10 +87,15 @@ class ModelFamily:
         return name.endswith(self.ignored_suffixes)
 
     def client_names(self, config) -> dict[str, str]:
-        """Client tensor role -> HF name; `lm_head` is absent when embeddings are tied."""
-        names = {"embed": self.embed_name, "norm": self.norm_name}
+        """`ClientHead` parameter name -> HF name; no `lm_head.weight` when embeddings are tied."""
+        names = {"embed_tokens.weight": self.embed_name, "norm.weight": self.norm_name}
+        if self.norm_kind == "layer":
+            names["norm.bias"] = self.norm_name.removesuffix("weight") + "bias"
+        if self.embed_norm_prefix is not None:
+            names["embed_tokens.norm.weight"] = self.embed_norm_prefix + "weight"
+            names["embed_tokens.norm.bias"] = self.embed_norm_prefix + "bias"
         if not tied_embeddings(config):
-            names["lm_head"] = self.lm_head_name
+            names["lm_head.weight"] = self.lm_head_name
         return names
 
 

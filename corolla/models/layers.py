@@ -1,4 +1,4 @@
-"""Shared plain-torch layers for decoder blocks: RMSNorm, rotary embeddings, GQA attention, gated MLP.
+"""Shared plain-torch layers for decoder blocks: RMSNorm, rotary, ALiBi, GQA attention, gated and plain MLPs.
 
 Decisions:
 
@@ -22,6 +22,9 @@ Decisions:
   sees its own key, so padded rows never produce NaN. The boolean masks are turned into additive
   ones (0 / -inf, activation dtype) once per forward: SDPA would otherwise convert them in every
   block (measured: ~25% of SDPA's time for a one-token step on CPU).
+- **ALiBi** (BLOOM, Falcon with `alibi`) is a per-head additive bias on keys, folded into the additive
+  masks once per forward (`AlibiBias`, `add_position_bias`); such families have no rotary tables
+  (`AttentionInputs.cos`/`sin` are None). Qwen3's per-head q/k RMSNorm is an `Attention` option.
 - **RMSNorm order** follows transformers (normalise in fp32, cast back, then multiply the weight) so
   that half-precision results match it as closely as possible; fp32 uses the one fused op.
 
@@ -146,6 +149,92 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+def _bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """BLOOM's tanh GELU with its own rounded constants (transformers' `bloom_gelu_forward`)."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "bloom_gelu": _bloom_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"activation {name!r} is not supported; supported: {', '.join(sorted(ACTIVATIONS))}"
+        ) from None
+
+
+class PlainMLP(nn.Module):
+    """down(act(up(x))): the two-matrix MLP of BLOOM and Falcon."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, *, bias: bool, dtype=None, device=None):
+        super().__init__()
+        self.act_name = act
+        self.act = activation(act)
+        self.up = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
+        self.down = nn.Linear(intermediate, hidden, bias=bias, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (fp32): a geometric series for the largest power of two <= heads, then the
+    odd powers of the next series for the remaining heads (the BLOOM paper's recipe)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        remaining = min(closest, num_heads - closest)
+        extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+class AlibiBias:
+    """Per-head additive attention bias `slope[h] * key_position` (ALiBi), keys numbered among real tokens.
+
+    Softmax is invariant to a per-query constant, so biasing keys by their absolute position equals the
+    relative form `slope * (key - query)`. Key positions come from the attention mask (`cumsum - 1`,
+    padding at 0), as in transformers, so they cover cached keys too. `scale` divides the bias (Falcon's
+    ALiBi variant divides by sqrt(head_dim)); `bf16_slopes` rounds the product in bfloat16 like Falcon.
+    """
+
+    def __init__(self, num_heads: int, *, scale: float = 1.0, bf16_slopes: bool = False):
+        self.num_heads, self.scale, self.bf16_slopes = num_heads, scale, bf16_slopes
+        self.slopes = alibi_slopes(num_heads)
+
+    def __call__(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """attention_mask [B, S] -> bias [B, heads, S] in `dtype`."""
+        mask = attention_mask.long()
+        positions = ((mask.cumsum(-1) - 1) * mask)[:, None, :]
+        slopes = self.slopes.to(attention_mask.device)[None, :, None]
+        if self.bf16_slopes:
+            slopes = slopes.bfloat16()
+        bias = (slopes * positions).to(dtype)
+        return bias / self.scale if self.scale != 1.0 else bias
+
+
+def add_position_bias(mask: torch.Tensor, bias: torch.Tensor, n_rep: int, length: int) -> torch.Tensor:
+    """Add a per-head key bias [B, heads, S] to an additive mask laid out for folded GQA queries
+    ([B, 1, n_rep * T, S], or [B, 1, 1, S] for one token): head kv * n_rep + r gets rows r * T + t."""
+    batch, heads, keys = bias.shape
+    bias = bias.view(batch, heads // n_rep, n_rep, 1, keys)
+    if length > 1:
+        bias = bias.expand(batch, heads // n_rep, n_rep, length, keys)
+    return mask + bias.reshape(batch, heads // n_rep, -1, keys)
+
+
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), with gate and up fused into one projection."""
 
@@ -163,8 +252,8 @@ class GatedMLP(nn.Module):
 class AttentionInputs:
     """What every block of one forward shares; built once by the caller."""
 
-    cos: torch.Tensor  # [B, T, 1, head_dim]
-    sin: torch.Tensor  # [B, T, 1, head_dim], sign folded in (see module docstring)
+    cos: torch.Tensor | None  # [B, T, 1, head_dim]; None for families without rotary (ALiBi)
+    sin: torch.Tensor | None  # [B, T, 1, head_dim], sign folded in (see module docstring)
     masks: dict  # sliding window (None = full) -> additive mask, see `attention_masks`
     offset: int  # cache index of the first of the T tokens
     batch: int  # B: blocks see activations as [B * T, H]
@@ -224,6 +313,7 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         sliding_window: int | None = None,
+        qk_norm_eps: float | None = None,
         dtype=None,
         device=None,
     ):
@@ -236,13 +326,22 @@ class Attention(nn.Module):
         qkv_out = (num_heads + 2 * num_kv_heads) * head_dim
         self.qkv = nn.Linear(hidden, qkv_out, bias=qkv_bias, dtype=dtype, device=device)
         self.o = nn.Linear(num_heads * head_dim, hidden, bias=o_bias, dtype=dtype, device=device)
+        # Qwen3: RMSNorm over head_dim of every query and key head, before rotary
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache=None) -> torch.Tensor:
         """x [B * T, hidden] -> [B * T, hidden]."""
         batch, length = inputs.batch, inputs.length
         n_q, n_kv, n_rep = self.num_heads, self.num_kv_heads, self.n_rep
         qkv = self.qkv(x).view(batch, length, n_q + 2 * n_kv, self.head_dim)
-        qk = apply_rotary(qkv[:, :, : n_q + n_kv], inputs.cos, inputs.sin)
+        qk = qkv[:, :, : n_q + n_kv]
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, :, :n_q]), self.k_norm(qk[:, :, n_q:])), dim=2)
+        if inputs.cos is not None:
+            qk = apply_rotary(qk, inputs.cos, inputs.sin)
         # [B, T, n_kv, n_rep, d] -> [B, n_kv, n_rep * T, d]: row r * T + t is head (kv * n_rep + r), token t
         q = qk[:, :, :n_q].view(batch, length, n_kv, n_rep, self.head_dim).permute(0, 2, 3, 1, 4)
         q = q.reshape(batch, n_kv, n_rep * length, self.head_dim)

@@ -250,12 +250,13 @@ FusedAdapter = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 _ACTIVE: contextvars.ContextVar[FusedAdapter | None] = contextvars.ContextVar("corolla_lora", default=None)
 
 
-def fuse_adapter(
-    adapter: LoraAdapter, family: ModelFamily, model_config, weights=None, scale: float | None = None
-) -> FusedAdapter:
-    """The fused side-path tensors of ``adapter`` (or of ``weights``, same layout, e.g. with grads)."""
-    weights = adapter.weights if weights is None else weights
-    scale = adapter.scale if scale is None else scale
+def fuse_adapter(adapter: LoraAdapter, family: ModelFamily, model_config) -> FusedAdapter:
+    """The fused side-path tensors of ``adapter`` (see the module docstring)."""
+    return fuse_weights(adapter.weights, adapter.scale, family, model_config)
+
+
+def fuse_weights(weights, scale: float, family: ModelFamily, model_config) -> FusedAdapter:
+    """Fused side-path tensors from per-block ``{hf_name: (A, B)}`` pairs; differentiable in A and B."""
     fused: FusedAdapter = {}
     for block, pairs in weights.items():
         by_module: dict[str, list[LoraSite]] = {}

@@ -6,14 +6,21 @@ entry point; an unknown type raises `UnsupportedModelError` naming it and listin
 
 from __future__ import annotations
 
+from corolla.models.bloom import FAMILIES as _BLOOM_FAMILIES
 from corolla.models.checkpoint import Checkpoint
 from corolla.models.errors import UnsupportedModelError
+from corolla.models.falcon import FAMILIES as _FALCON_FAMILIES
 from corolla.models.family import ModelFamily
 from corolla.models.llama import FAMILIES as _LLAMA_FAMILIES
+from corolla.models.mixtral import FAMILIES as _MIXTRAL_FAMILIES
+from corolla.models.qwen3 import FAMILIES as _QWEN3_FAMILIES
 
 __all__ = ["UnsupportedModelError", "get_family", "supported_model_types"]
 
-_REGISTRY: dict[str, ModelFamily] = {family.model_type: family for family in _LLAMA_FAMILIES}
+_REGISTRY: dict[str, ModelFamily] = {
+    family.model_type: family
+    for family in (*_LLAMA_FAMILIES, *_QWEN3_FAMILIES, *_MIXTRAL_FAMILIES, *_BLOOM_FAMILIES, *_FALCON_FAMILIES)
+}
 
 
 def supported_model_types() -> list[str]:

@@ -16,7 +16,9 @@ every key position so far): the new tokens' keys/values are written into `caches
 at [offset, offset + T); each token attends causally to cache indices <= its own, skipping padding; a
 query always sees its own key, so padded rows stay finite (their values are meaningless). Without
 caches the forward covers only these T tokens and `offset` must be 0. `blocks=(a, b)` runs an absolute
-sub-range of [start, end). Rotary tables and masks are computed once per forward for all blocks.
+sub-range of [start, end). Rotary tables and masks are computed once per forward for all blocks; for
+ALiBi families (`ModelFamily.position_bias`) the per-head bias, computed from `attention_mask` (key
+positions among real tokens, as in transformers), is folded into the masks and `positions` is unused.
 
 Notes for callers: `hidden` must already be in the stack's dtype and device (cast at the wire
 boundary); the caches' batch must equal B, and one call has one `offset` for all rows, so rows of
@@ -41,7 +43,7 @@ from torch import nn
 from corolla.models.cache import LayerCache
 from corolla.models.errors import CheckpointError
 from corolla.models.family import ModelFamily, assemble_state
-from corolla.models.layers import AttentionInputs, RotaryEmbedding, attention_masks
+from corolla.models.layers import AttentionInputs, RotaryEmbedding, add_position_bias, attention_masks
 from corolla.models.registry import get_family, open_checkpoint
 
 
@@ -60,7 +62,8 @@ class BlockStack(nn.Module):
         self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
         self.n_rep = spec.num_heads // spec.num_kv_heads
         self.windows = [s.sliding_window for s in self.specs]
-        self.rotary = RotaryEmbedding.from_config(config, self.head_dim, device)
+        self.position_bias = family.position_bias(config)  # ALiBi families: no rotary
+        self.rotary = None if self.position_bias else RotaryEmbedding.from_config(config, self.head_dim, device)
 
     @classmethod
     def from_config(cls, config, start: int, end: int, *, dtype: torch.dtype, device="cpu") -> BlockStack:
@@ -102,6 +105,8 @@ class BlockStack(nn.Module):
             spec = family.block_spec(config, index)
             layer = family.make_block(spec, dtype=dtype, device="meta")
             state = assemble_state(family.weight_map(spec), family.prefix(index), tensors)
+            if family.transform_state is not None:
+                state = family.transform_state(spec, state)
             layer.load_state_dict(state, strict=True, assign=True)
             layers.append(layer)
         return cls(config, start, end, family, layers, device)
@@ -150,9 +155,12 @@ class BlockStack(nn.Module):
         first, last = self._block_range(blocks)
         batch, length, _ = hidden.shape
         _check_step(hidden, positions, attention_mask, caches, offset, last - first)
-        cos, sin = self.rotary(positions, hidden.dtype)
+        cos, sin = self.rotary(positions, hidden.dtype) if self.rotary is not None else (None, None)
         windows = set(self.windows[first - self.start : last - self.start])
         masks = attention_masks(attention_mask, offset, length, windows, self.n_rep, hidden.dtype)
+        if self.position_bias is not None:
+            bias = self.position_bias(attention_mask, hidden.dtype)
+            masks = {w: add_position_bias(m, bias, self.n_rep, length) for w, m in masks.items()}
         inputs = AttentionInputs(cos, sin, masks, offset, batch, length)
         rows = hidden.reshape(batch * length, hidden.shape[-1])
         for i, layer in enumerate(self.layers[first - self.start : last - self.start]):

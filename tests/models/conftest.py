@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    FalconConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 torch.set_num_threads(2)
 
@@ -71,6 +80,88 @@ CONFIGS = {
         max_window_layers=2,
         tie_word_embeddings=True,
     ),
+    "qwen3-sliding-bias": lambda: Qwen3Config(
+        **COMMON,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        attention_bias=True,
+        use_sliding_window=True,
+        sliding_window=3,
+        max_window_layers=2,
+        tie_word_embeddings=False,
+    ),
+    "mixtral-top2-sliding": lambda: MixtralConfig(
+        **COMMON,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=5,
+    ),
+    "bloom": lambda: BloomConfig(vocab_size=96, hidden_size=32, n_layer=4, n_head=4, pad_token_id=0),
+    "bloom-6heads-postln-residual": lambda: BloomConfig(
+        vocab_size=96,
+        hidden_size=36,
+        n_layer=4,
+        n_head=6,
+        pad_token_id=0,
+        apply_residual_connection_post_layernorm=True,
+        layer_norm_epsilon=1e-3,
+    ),
+    "falcon-new-gqa": lambda: FalconConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        pad_token_id=0,
+    ),  # fmt: skip
+    "falcon-new-1ln-bias-untied": lambda: FalconConfig(
+        vocab_size=96,
+        hidden_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_kv_heads=3,
+        new_decoder_architecture=True,
+        num_ln_in_parallel_attn=1,
+        bias=True,
+        tie_word_embeddings=False,
+        ffn_hidden_size=40,
+        pad_token_id=0,
+    ),  # fmt: skip
+    "falcon-7b-mqa": lambda: FalconConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        multi_query=True,
+        parallel_attn=True,
+        pad_token_id=0,
+    ),  # fmt: skip
+    "falcon-sequential-mha-bias": lambda: FalconConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        multi_query=False,
+        parallel_attn=False,
+        bias=True,
+        pad_token_id=0,
+    ),  # fmt: skip
+    "falcon-alibi": lambda: FalconConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        alibi=True,
+        pad_token_id=0,
+    ),  # fmt: skip
 }
 
 
@@ -79,7 +170,9 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
-            if "norm" in name:
+            if ("norm" in name or ".ln_" in name) and name.endswith("bias"):
+                param.copy_(0.1 * noise)
+            elif "norm" in name or ".ln_" in name:
                 param.copy_(1.0 + 0.2 * noise)
             elif "embed" in name:
                 param.copy_(noise)

@@ -16,6 +16,7 @@ from corolla.models.lora import (
     LoraError,
     attach_lora,
     fuse_adapter,
+    fuse_weights,
     lora_sites,
     parse_peft_adapter,
     use_adapter,
@@ -96,7 +97,7 @@ def test_gradients_match_peft(base, tmp_path):
         block: {name: (a.clone().requires_grad_(), b.clone().requires_grad_()) for name, (a, b) in pairs.items()}
         for block, pairs in adapter.weights.items()
     }
-    out = logits(stack, head, ids, fuse_adapter(adapter, stack.family, stack.config, weights))
+    out = logits(stack, head, ids, fuse_weights(weights, adapter.scale, stack.family, stack.config))
     torch.nn.functional.cross_entropy(out.flatten(0, 1), labels.flatten()).backward()
 
     ref = peft_model(ids).logits

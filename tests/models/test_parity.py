@@ -40,7 +40,9 @@ def test_block_by_block(loaded):
     _, _, model, stack, _ = loaded
     ids = _ids(model.config.vocab_size)
     captured = {}
-    hook = model.model.norm.register_forward_pre_hook(lambda module, args: captured.update(last=args[0]))
+    base = model.base_model
+    final_norm = base.norm if hasattr(base, "norm") else base.ln_f
+    hook = final_norm.register_forward_pre_hook(lambda module, args: captured.update(last=args[0]))
     try:
         hidden_states = model(ids, output_hidden_states=True).hidden_states
     finally:

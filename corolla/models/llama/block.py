@@ -29,6 +29,7 @@ class LlamaBlock(nn.Module):
             qkv_bias=spec.qkv_bias,
             o_bias=spec.o_bias,
             sliding_window=spec.sliding_window,
+            qk_norm_eps=spec.rms_norm_eps if spec.qk_norm else None,
             **factory,
         )
         self.post_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, **factory)
@@ -62,6 +63,9 @@ def llama_weight_map(spec: BlockSpec) -> WeightMap:
             ("self_attn.k_proj.bias", (kv_out,)),
             ("self_attn.v_proj.bias", (kv_out,)),
         )
+    if spec.qk_norm:
+        mapping["attn.q_norm.weight"] = (("self_attn.q_norm.weight", (spec.head_dim,)),)
+        mapping["attn.k_norm.weight"] = (("self_attn.k_norm.weight", (spec.head_dim,)),)
     if spec.o_bias:
         mapping["attn.o.bias"] = (("self_attn.o_proj.bias", (hidden,)),)
     if spec.mlp_bias:

@@ -16,7 +16,7 @@ from corolla.models.layers import rope_parameters
 from corolla.models.llama.block import LlamaBlock, llama_weight_map
 
 
-def _geometry(config) -> dict:
+def llama_geometry(config) -> dict:
     return {
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -27,7 +27,7 @@ def _geometry(config) -> dict:
     }
 
 
-def _check_llama_like(config) -> None:
+def check_llama_like(config) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"{config.model_type}: hidden_act={act!r} is not supported (only 'silu')")
@@ -37,19 +37,19 @@ def _check_llama_like(config) -> None:
 def llama_spec(config, index: int) -> BlockSpec:
     bias = bool(getattr(config, "attention_bias", False))
     return BlockSpec(
-        **_geometry(config), qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False))
+        **llama_geometry(config), qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False))
     )
 
 
 def mistral_spec(config, index: int) -> BlockSpec:
-    return BlockSpec(**_geometry(config), sliding_window=getattr(config, "sliding_window", None))
+    return BlockSpec(**llama_geometry(config), sliding_window=getattr(config, "sliding_window", None))
 
 
 def qwen2_spec(config, index: int) -> BlockSpec:
     layer_types = getattr(config, "layer_types", None)
     sliding = layer_types is not None and layer_types[index] == "sliding_attention"
     window = getattr(config, "sliding_window", None) if sliding else None
-    return BlockSpec(**_geometry(config), qkv_bias=True, sliding_window=window)
+    return BlockSpec(**llama_geometry(config), qkv_bias=True, sliding_window=window)
 
 
 def _family(model_type: str, spec) -> ModelFamily:
@@ -58,7 +58,7 @@ def _family(model_type: str, spec) -> ModelFamily:
         block_spec=spec,
         make_block=LlamaBlock,
         weight_map=llama_weight_map,
-        check_config=_check_llama_like,
+        check_config=check_llama_like,
     )
 
 
