@@ -25,6 +25,10 @@ _LAZY_EXPORTS = {
     "DistributedLlamaForCausalLM": "corolla.client.model",
     "DistributedMistralForCausalLM": "corolla.client.model",
     "DistributedQwen2ForCausalLM": "corolla.client.model",
+    "DistributedQwen3ForCausalLM": "corolla.client.model",
+    "DistributedMixtralForCausalLM": "corolla.client.model",
+    "DistributedBloomForCausalLM": "corolla.client.model",
+    "DistributedFalconForCausalLM": "corolla.client.model",
     "RemoteSequential": "corolla.client.remote_sequential",
 }
 

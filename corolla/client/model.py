@@ -39,12 +39,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers import (
+    BloomConfig,
+    FalconConfig,
     GenerationConfig,
     GenerationMixin,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedModel,
     Qwen2Config,
+    Qwen3Config,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -57,10 +61,14 @@ from corolla.models.registry import UnsupportedModelError, supported_model_types
 
 __all__ = [
     "AutoDistributedModelForCausalLM",
+    "DistributedBloomForCausalLM",
+    "DistributedFalconForCausalLM",
     "DistributedLlamaForCausalLM",
     "DistributedMistralForCausalLM",
+    "DistributedMixtralForCausalLM",
     "DistributedModelForCausalLM",
     "DistributedQwen2ForCausalLM",
+    "DistributedQwen3ForCausalLM",
     "RemoteDecoderModel",
     "register_model_class",
 ]
@@ -312,6 +320,24 @@ class DistributedQwen2ForCausalLM(DistributedModelForCausalLM):
     config_class = Qwen2Config
 
 
+class DistributedQwen3ForCausalLM(DistributedModelForCausalLM):
+    config_class = Qwen3Config
+
+
+class DistributedMixtralForCausalLM(DistributedModelForCausalLM):
+    config_class = MixtralConfig
+
+
+class DistributedBloomForCausalLM(DistributedModelForCausalLM):
+    """`model.model.embed_tokens` applies BLOOM's word-embeddings LayerNorm (`inputs_embeds` are post-norm)."""
+
+    config_class = BloomConfig
+
+
+class DistributedFalconForCausalLM(DistributedModelForCausalLM):
+    config_class = FalconConfig
+
+
 MODEL_CLASSES: dict[str, type[DistributedModelForCausalLM]] = {}
 
 
@@ -321,7 +347,15 @@ def register_model_class(cls: type[DistributedModelForCausalLM]) -> type[Distrib
     return cls
 
 
-for _cls in (DistributedLlamaForCausalLM, DistributedMistralForCausalLM, DistributedQwen2ForCausalLM):
+for _cls in (
+    DistributedLlamaForCausalLM,
+    DistributedMistralForCausalLM,
+    DistributedQwen2ForCausalLM,
+    DistributedQwen3ForCausalLM,
+    DistributedMixtralForCausalLM,
+    DistributedBloomForCausalLM,
+    DistributedFalconForCausalLM,
+):
     if _cls.config_class.model_type in supported_model_types():
         register_model_class(_cls)
 
