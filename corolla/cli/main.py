@@ -12,6 +12,7 @@ COMMANDS = {
     "server": ("corolla.cli.run_server", "serve a span of a model's blocks"),
     "demo": ("corolla.cli.demo", "start a private swarm on this machine and chat with it"),
     "health": ("corolla.cli.health", "show block coverage and the servers of models in a swarm"),
+    "api": ("corolla.cli.api", "serve an OpenAI-compatible API and a web chat for a model in a swarm"),
 }
 
 

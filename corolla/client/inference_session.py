@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from corolla.client.lora import current_adapter
 from corolla.client.routing import DEFAULT_LATENCY, DEFAULT_RTT, Hop, format_route
 from corolla.swarm.transport import Connection
 from corolla.wire.errors import SessionLengthError
@@ -62,8 +63,10 @@ class _HopSession:
 class InferenceSession:
     """KV caches for one batch of sequences on a chain of servers. Opened lazily on the first step."""
 
-    def __init__(self, manager: Any, max_length: int):
+    def __init__(self, manager: Any, max_length: int, adapter: str | None = None):
         self.manager, self.max_length = manager, max_length
+        # the served LoRA adapter of every hop (chosen now, in the caller's thread: see corolla.client.lora)
+        self.adapter = adapter or current_adapter(getattr(getattr(manager, "config", None), "active_adapter", None))
         self._hops: list[_HopSession] = []
         self._positions: list[torch.Tensor] = []
         self._masks: list[torch.Tensor] = []
@@ -120,10 +123,14 @@ class InferenceSession:
     async def _hop_step(self, hop: _HopSession, x, positions, mask) -> torch.Tensor:
         tokens = x.shape[1]
         t0 = time.perf_counter()
-        await hop.conn.send(InferenceStep(self._position, x, positions, mask), hop.compression)
+        await hop.conn.send(self._step_message(hop.hop, self._position, x, positions, mask), hop.compression)
         result = await self._await_alive(hop, hop.conn.recv(InferenceStepResult), hop.expected(tokens))
         hop.observe(tokens, time.perf_counter() - t0)
         return result.hidden
+
+    def _step_message(self, hop: Hop, offset: int, x, positions, mask):
+        """The message of one step of ``hop`` at cache ``offset`` (a subclass may add per-block extras)."""
+        return InferenceStep(offset, x, positions, mask)
 
     async def _await_alive(self, hop: _HopSession, coro, expected: float):
         """Await ``coro``; past each deadline, ping the server and give up only if it does not answer."""
@@ -152,7 +159,7 @@ class InferenceSession:
         while True:
             # skip servers that announce too little free cache for this session (relaxed if nobody has room)
             need = (self._batch_size or 1) * self.max_length
-            route = await self.manager.make_route(start, end, min_free_cache=need)
+            route = await self.manager.make_route(start, end, min_free_cache=need, adapter=self.adapter)
             opened: list[_HopSession] = []
             try:
                 x = torch.cat(history, dim=1) if history else None
@@ -177,7 +184,11 @@ class InferenceSession:
         manager = self.manager
         conn = await Connection.open(manager.node.p2p, hop.peer_id, manager.config.max_message_bytes)
         try:
-            await conn.send(InferenceOpen(manager.model, hop.start, hop.end, self.max_length, self._batch_size))
+            await conn.send(
+                InferenceOpen(
+                    manager.model, hop.start, hop.end, self.max_length, self._batch_size, adapter=self.adapter or ""
+                )
+            )
             info = manager.spans[hop.peer_id].info if hop.peer_id in manager.spans else None
             latency = info.inference_latency if info and info.inference_latency > 0 else DEFAULT_LATENCY
             expected = latency * (hop.end - hop.start)
@@ -199,7 +210,8 @@ class InferenceSession:
         for begin in range(0, x.shape[1], chunk):
             sl = slice(begin, begin + chunk)
             await session.conn.send(
-                InferenceStep(begin, x[:, sl], positions[:, sl], mask[:, sl]), session.compression
+                self._step_message(session.hop, begin, x[:, sl], positions[:, sl], mask[:, sl]),
+                session.compression,
             )
             expected = session.expected(x[:, sl].shape[1])
             result = await self._await_alive(session, session.conn.recv(InferenceStepResult), expected)

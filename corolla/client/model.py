@@ -54,6 +54,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from corolla.client.chain import RemoteChain
 from corolla.client.generation import GenerationSession
+from corolla.client.ptune import PromptTuning
 from corolla.client.remote_sequential import RemoteSequential
 from corolla.models.checkpoint import Checkpoint, CheckpointError, default_dht_prefix
 from corolla.models.client_head import ClientHead
@@ -112,11 +113,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
 
-    def __init__(self, config, head: ClientHead, chain: RemoteChain):
+    def __init__(self, config, head: ClientHead, chain: RemoteChain, *, tuning_mode=None, pre_seq_len: int = 0):
         super().__init__(config)
         self.model = RemoteDecoderModel(head.embed_tokens, RemoteSequential(chain), head.norm)
         self.lm_head = head.lm_head if head.lm_head is not None else _tied_lm_head(head.embed_tokens)
         self._active_sessions: dict[int, list[GenerationSession]] = {}  # thread id -> stack
+        #: trainable prompts (tuning_mode "ptune" / "deep_ptune"); the head is then frozen: only prompts train
+        self.ptune = None if tuning_mode is None else PromptTuning(config, tuning_mode, pre_seq_len)
+        if self.ptune is not None:
+            head.requires_grad_(False)
 
     @classmethod
     def from_pretrained(
@@ -130,9 +135,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         revision: str | None = None,
         token: str | bool | None = None,
         chain: RemoteChain | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
         **client_options,
     ) -> DistributedModelForCausalLM:
-        """Load the client head of a folder or Hub repo and connect it to the swarm (or to `chain`)."""
+        """Load the client head of a folder or Hub repo and connect it to the swarm (or to `chain`).
+
+        `tuning_mode="ptune"` / `"deep_ptune"` with `pre_seq_len=K` adds K trainable prompts (see
+        `corolla.client.ptune`).
+        """
         for name in _IGNORED_HF_OPTIONS:
             client_options.pop(name, None)
         token = client_options.pop("use_auth_token", token)
@@ -153,7 +164,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             )
         elif client_options:
             raise TypeError(f"unexpected options with an explicit chain: {', '.join(sorted(client_options))}")
-        model = cls(config, head, chain)
+        model = cls(config, head, chain, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len)
         model.generation_config = _load_generation_config(ref, config, revision, token)
         return model.eval()
 
@@ -196,6 +207,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def inference_session(self, max_length: int) -> GenerationSession:
         """Open a session over every block for up to `max_length` tokens; use it as a context manager."""
+        if self.ptune is not None:
+            session = self.ptune.open_session(self.model.layers, max_length)
+            return GenerationSession(session, max_length, owner=self)
         return GenerationSession(self.model.layers.inference_session(max_length), max_length, owner=self)
 
     @property
@@ -242,7 +256,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         session = self.active_session
         if session is None:
-            hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds).last_hidden_state
+            if self.ptune is not None:
+                hidden = self.ptune.run(self.model, input_ids, attention_mask, position_ids, inputs_embeds)
+            else:
+                hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds).last_hidden_state
         else:
             if labels is not None:
                 raise ValueError("labels are not supported inside an inference session; call the model outside it")

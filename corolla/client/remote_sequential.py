@@ -13,6 +13,9 @@ Decisions:
 - Defaults match `LlamaModel.forward` without a cache: every token valid, positions 0..T-1.
 - Slicing gives a view over a sub-range of blocks that calls `chain.forward(start=, end=)`; sessions
   always cover every block, so only the full range opens one.
+- **Autograd.** `forward` goes through `corolla.client.remote_autograd.chain_forward`: on the swarm,
+  when gradients are needed, `loss.backward()` sends the gradients back through the servers; deep
+  prompts (`prompts` [blocks, B or 1, K, H]) travel with the hidden states.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from corolla.client.chain import ChainSession, RemoteChain
+from corolla.client.remote_autograd import chain_forward
 
 __all__ = ["RemoteSequential"]
 
@@ -41,17 +45,22 @@ class RemoteSequential(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run whole sequences through the blocks, without a cache; returns [B, T, H]."""
+        """Run whole sequences through the blocks, without a cache; returns [B, T, H].
+
+        ``prompts`` [len(self), B or 1, K, H]: deep prompts added before each block to the first K tokens.
+        """
         batch, length = hidden_states.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.bool)
         if position_ids is None:
             position_ids = torch.arange(length).unsqueeze(0)
         positions = position_ids.to("cpu", torch.long).expand(batch, length)
-        out = self.chain.forward(
-            hidden_states.cpu(), positions, attention_mask.cpu().bool(), start=self.start, end=self.end
-        )
+        out = chain_forward(
+            self.chain, hidden_states.cpu(), positions, attention_mask.cpu().bool(), self.start, self.end,
+            None if prompts is None else prompts.cpu(),
+        )  # fmt: skip
         return out.to(hidden_states.device)
 
     def inference_session(self, max_length: int) -> ChainSession:

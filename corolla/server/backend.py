@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from corolla.models.cache import LayerCache
+from corolla.models.deep_prompts import run_blocks
 from corolla.models.stack import BlockStack
+from corolla.server.backward import check_prompts
 from corolla.server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeWorker
 from corolla.wire.errors import BadRequestError, SessionLengthError
 
@@ -32,7 +34,7 @@ class SessionState:
 
 class BlockBackend:
     def __init__(self, stack: BlockStack, worker: ComputeWorker):
-        self.stack = stack
+        self.stack = stack.requires_grad_(False)  # clients train their own tensors, never these weights
         self.worker = worker
         self.dtype = next(stack.parameters()).dtype
         self.device = next(stack.parameters()).device
@@ -86,9 +88,17 @@ class BlockBackend:
         return SessionState(start, end, batch_size, max_length, caches, valid)
 
     async def inference_step(
-        self, session: SessionState, offset: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+        self,
+        session: SessionState,
+        offset: int,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One step; ``prompts`` (deep prompts of the session's blocks) apply to cache positions < K."""
         self.check_inputs(hidden, positions, mask, session.batch_size)
+        check_prompts(prompts, session.end - session.start, hidden)
         tokens = hidden.shape[1]
         if not 0 <= offset <= session.length:
             raise BadRequestError(f"step offset {offset} is past the session's {session.length} cached tokens")
@@ -97,20 +107,24 @@ class BlockBackend:
                 f"step would fill cache positions up to {offset + tokens}, over the session's max_length "
                 f"{session.max_length}"
             )
-        out = await self.worker.submit(PRIORITY_INFERENCE, self._step, session, offset, hidden, positions, mask)
+        out = await self.worker.submit(
+            PRIORITY_INFERENCE, self._step, session, offset, hidden, positions, mask, prompts
+        )
         session.length = offset + tokens
         return out
 
-    def _step(self, session: SessionState, offset, hidden, positions, mask):
+    def _step(self, session: SessionState, offset, hidden, positions, mask, prompts=None):
         end = offset + hidden.shape[1]
         session.valid[:, offset:end] = mask.to(self.device)
         hidden = hidden.to(self.device, self.dtype)
-        out = self.stack(
+        out = run_blocks(
+            self.stack,
+            (session.start, session.end),
             hidden,
             positions.to(self.device),
             session.valid[:, :end],
+            None if prompts is None else prompts.to(self.device, self.dtype),
             session.caches,
             offset,
-            (session.start, session.end),
         )
         return out.cpu()

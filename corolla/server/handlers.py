@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from corolla.server.backend import BlockBackend
+from corolla.server.backward import TrainingBackend
 from corolla.server.memory_cache import MemoryCache
 from corolla.wire.errors import (
     BadRequestError,
@@ -24,11 +25,13 @@ from corolla.wire.errors import (
 )
 from corolla.wire.framing import read_message, write_message
 from corolla.wire.messages import (
+    BackwardRequest,
     ErrorResponse,
     ForwardRequest,
     ForwardResponse,
     InferenceOpen,
     InferenceOpened,
+    InferencePromptStep,
     InferenceStep,
     InferenceStepResult,
     InfoRequest,
@@ -38,6 +41,7 @@ from corolla.wire.messages import (
     PingResponse,
     ProbeRequest,
     ProbeResponse,
+    TrainForwardRequest,
 )
 from corolla.wire.records import ServerInfo
 from corolla.wire.tensors import dtype_name
@@ -67,6 +71,7 @@ class RequestHandler:
         self.request_timeout = request_timeout
         self.session_timeout = session_timeout
         self.max_bytes = max_message_bytes
+        self.training = TrainingBackend(backend, max_batch_size=max_batch_size, max_length=inference_max_length)
         self.accepting = True
         self.active_sessions = 0
         self._tasks: set[asyncio.Task] = set()
@@ -104,6 +109,11 @@ class RequestHandler:
                 self.request_timeout,
             )
             await self._send(writer, ForwardResponse(out))
+        elif isinstance(request, (TrainForwardRequest, BackwardRequest)):
+            self._check_model(request.model)
+            self._check_accepting()
+            serve = self.training.forward if isinstance(request, TrainForwardRequest) else self.training.backward
+            await self._send(writer, await asyncio.wait_for(serve(request), self.request_timeout))
         elif isinstance(request, InferenceOpen):
             await self._inference(peer, request, reader, writer)
         else:
@@ -142,13 +152,14 @@ class RequestHandler:
                 step = await asyncio.wait_for(read_message(reader, self.max_bytes), self.session_timeout)
             except asyncio.TimeoutError:
                 raise ServerBusyError(f"no step for {self.session_timeout:.0f} s; session closed") from None
-            if not isinstance(step, InferenceStep):
+            if not isinstance(step, (InferenceStep, InferencePromptStep)):
                 raise BadRequestError(f"expected InferenceStep, got {type(step).__name__}")
+            prompts = step.prompts if isinstance(step, InferencePromptStep) else None
             self._check_accepting()
             try:
                 out = await asyncio.wait_for(
                     self.backend.inference_step(
-                        session, step.offset, step.hidden, step.positions, step.attention_mask
+                        session, step.offset, step.hidden, step.positions, step.attention_mask, prompts
                     ),
                     self.request_timeout,
                 )

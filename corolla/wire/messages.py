@@ -118,6 +118,64 @@ class ProbeResponse:
 
 
 @dataclass(frozen=True)
+class TrainForwardRequest:
+    """Forward over blocks [start, end) for training: a :class:`ForwardRequest` plus trainable extras.
+
+    ``prompts`` [end - start, B or 1, K, H] (deep prompt tuning) or None: before block ``i`` the server
+    adds ``prompts[i - start]`` to the hidden states of the first K tokens (see
+    ``corolla.models.deep_prompts``). Answered with :class:`ForwardResponse`.
+    """
+
+    model: ModelRef
+    start: int
+    end: int
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    attention_mask: torch.Tensor
+    prompts: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class BackwardRequest:
+    """Gradients of blocks [start, end) at ``hidden`` (the span's inputs), given ``grad_output``.
+
+    The server recomputes the span's forward with autograd and returns the gradients with respect to
+    ``hidden`` and to every trainable extra sent (``prompts``, as in :class:`TrainForwardRequest`). Its
+    own weights are never trained. ``grad_output`` has the shape of ``hidden``.
+    """
+
+    model: ModelRef
+    start: int
+    end: int
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    attention_mask: torch.Tensor
+    grad_output: torch.Tensor
+    prompts: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class BackwardResponse:
+    """``grad_hidden`` has the shape of the request's ``hidden``; ``grad_prompts`` that of its prompts."""
+
+    grad_hidden: torch.Tensor
+    grad_prompts: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class InferencePromptStep:
+    """An :class:`InferenceStep` over the deep-prompted prefix: ``prompts`` [end - start, B or 1, K, H]
+    are added, before each block, to the tokens of this step at cache positions below K. Answered with
+    :class:`InferenceStepResult`."""
+
+    offset: int
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    attention_mask: torch.Tensor
+    prompts: torch.Tensor
+
+
+@dataclass(frozen=True)
 class ErrorResponse:
     """``code`` is one of :data:`corolla.wire.errors.ERROR_CLASSES`; ``message`` says what was wrong."""
 
@@ -137,6 +195,10 @@ class Kind(enum.IntEnum):
     INFERENCE_STEP = 9
     INFERENCE_STEP_RESULT = 10
     ERROR = 11
+    TRAIN_FORWARD_REQUEST = 20
+    BACKWARD_REQUEST = 21
+    BACKWARD_RESPONSE = 22
+    INFERENCE_PROMPT_STEP = 23
     PROBE_REQUEST = 40
     PROBE_RESPONSE = 41
 
@@ -153,6 +215,10 @@ MESSAGE_CLASSES: dict[Kind, type] = {
     Kind.INFERENCE_STEP: InferenceStep,
     Kind.INFERENCE_STEP_RESULT: InferenceStepResult,
     Kind.ERROR: ErrorResponse,
+    Kind.TRAIN_FORWARD_REQUEST: TrainForwardRequest,
+    Kind.BACKWARD_REQUEST: BackwardRequest,
+    Kind.BACKWARD_RESPONSE: BackwardResponse,
+    Kind.INFERENCE_PROMPT_STEP: InferencePromptStep,
     Kind.PROBE_REQUEST: ProbeRequest,
     Kind.PROBE_RESPONSE: ProbeResponse,
 }

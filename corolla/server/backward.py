@@ -1,0 +1,149 @@
+"""Training calls on a server: forward with trainable extras, and backward, over hosted blocks.
+
+A client fine-tunes a model whose blocks it does not hold: it sends each span's inputs forward, and on
+``loss.backward()`` sends the same inputs back with the gradient of the span's output. Decisions:
+
+- **Stateless backward.** The server keeps nothing between a forward and its backward: the backward
+  request carries the span's inputs again, and the server recomputes the span's forward under autograd
+  (activation recomputation, as in Petals), then takes ``torch.autograd.grad`` of it. Any replica of
+  the span can answer, which is what lets the client retry a failed span elsewhere.
+- **Frozen weights.** The hosted blocks' parameters have ``requires_grad=False`` (set by the backend);
+  gradients are taken only with respect to the request's tensors, so nothing accumulates into or
+  updates a weight, whatever a client sends.
+- **Extensible trainables.** :meth:`TrainingBackend.span_backward` takes the span's inputs, optional
+  deep prompts, and any other per-block trainable tensors (``extra``) together with a context manager
+  factory that makes the blocks use them (client-owned LoRA plugs in here); it returns the gradients of
+  all of them.
+- **Bounded and checked.** Batch and length limits as for inference, tensors checked against the
+  hosted model before any compute (:class:`BadRequestError` naming what is wrong), messages bounded by
+  ``max_message_bytes`` by the framing. Training jobs run at forward priority: inference steps go first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+
+from corolla.models.deep_prompts import run_blocks
+from corolla.server.compute import PRIORITY_FORWARD
+from corolla.wire.errors import BadRequestError, SessionLengthError
+from corolla.wire.messages import BackwardRequest, BackwardResponse, ForwardResponse, TrainForwardRequest
+
+if TYPE_CHECKING:
+    from corolla.server.backend import BlockBackend
+
+#: Makes the blocks use a request's extra trainable tensors while it is active.
+ExtraContext = Callable[[Sequence[torch.Tensor]], AbstractContextManager]
+
+
+def check_prompts(prompts: torch.Tensor | None, num_blocks: int, hidden: torch.Tensor, what: str = "prompts"):
+    """Deep prompts must be floating ``[num_blocks, B or 1, K, H]`` with ``1 <= K``."""
+    if prompts is None:
+        return
+    batch, _, hidden_size = hidden.shape
+    shape = list(prompts.shape)
+    if (
+        prompts.ndim != 4
+        or shape[0] != num_blocks
+        or shape[1] not in (1, batch)
+        or shape[2] < 1
+        or shape[3] != hidden_size
+        or not prompts.is_floating_point()
+    ):
+        raise BadRequestError(
+            f"{what} must be floating point [{num_blocks} blocks, {batch} or 1, prompt tokens >= 1, "
+            f"{hidden_size}], got {prompts.dtype} {shape}"
+        )
+
+
+class TrainingBackend:
+    """Forward/backward for training over a :class:`BlockBackend`'s stack, on its compute worker."""
+
+    def __init__(self, backend: BlockBackend, *, max_batch_size: int, max_length: int):
+        self.backend = backend
+        self.max_batch_size, self.max_length = max_batch_size, max_length
+
+    def _check(self, request: TrainForwardRequest | BackwardRequest) -> None:
+        backend = self.backend
+        backend.check_range(request.start, request.end)
+        backend.check_inputs(request.hidden, request.positions, request.attention_mask, None)
+        batch, tokens = request.hidden.shape[:2]
+        if batch > self.max_batch_size:
+            raise BadRequestError(f"batch of {batch} is over this server's limit of {self.max_batch_size}")
+        if tokens > self.max_length:
+            raise SessionLengthError(f"{tokens} tokens are over this server's limit of {self.max_length}")
+        check_prompts(request.prompts, request.end - request.start, request.hidden)
+        if request.prompts is not None and request.prompts.shape[2] > tokens:
+            raise BadRequestError(
+                f"{request.prompts.shape[2]} prompt tokens do not fit a sequence of {tokens} tokens"
+            )
+
+    async def forward(self, request: TrainForwardRequest) -> ForwardResponse:
+        self._check(request)
+        out = await self.backend.worker.submit(
+            PRIORITY_FORWARD, self._forward, request.start, request.end, request.hidden, request.positions,
+            request.attention_mask, request.prompts,
+        )  # fmt: skip
+        return ForwardResponse(out)
+
+    async def backward(self, request: BackwardRequest) -> BackwardResponse:
+        self._check(request)
+        grad = request.grad_output
+        if tuple(grad.shape) != tuple(request.hidden.shape) or not grad.is_floating_point():
+            raise BadRequestError(
+                f"grad_output must be floating point with the shape of hidden {list(request.hidden.shape)}, "
+                f"got {grad.dtype} {list(grad.shape)}"
+            )
+        grad_hidden, grad_prompts, _ = await self.backend.worker.submit(
+            PRIORITY_FORWARD, self.span_backward, request.start, request.end, request.hidden, request.positions,
+            request.attention_mask, grad, request.prompts,
+        )  # fmt: skip
+        return BackwardResponse(grad_hidden, grad_prompts)
+
+    def _forward(self, start, end, hidden, positions, mask, prompts) -> torch.Tensor:
+        device, dtype = self.backend.device, self.backend.dtype
+        prompts = None if prompts is None else prompts.to(device, dtype)
+        out = run_blocks(
+            self.backend.stack, (start, end), hidden.to(device, dtype), positions.to(device), mask.to(device),
+            prompts,
+        )  # fmt: skip
+        return out.cpu()
+
+    def span_backward(
+        self,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        grad_output: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        extra: Sequence[torch.Tensor] = (),
+        extra_context: ExtraContext | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """Gradients w.r.t. ``hidden``, ``prompts`` and ``extra``, in their dtypes, on the CPU (compute thread).
+
+        The compute worker runs jobs under ``inference_mode``; this leaves it for its own autograd graph.
+        """
+        device, dtype = self.backend.device, self.backend.dtype
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = [hidden.to(device, dtype).detach().requires_grad_(True)]
+            if prompts is not None:
+                leaves.append(prompts.to(device, dtype).detach().requires_grad_(True))
+            extra_leaves = [t.to(device).detach().requires_grad_(True) for t in extra]
+            context = extra_context(extra_leaves) if extra_context is not None else nullcontext()
+            with context:
+                out = run_blocks(
+                    self.backend.stack, (start, end), leaves[0], positions.to(device), mask.to(device),
+                    leaves[1] if prompts is not None else None,
+                )  # fmt: skip
+            grads = torch.autograd.grad(
+                out, leaves + extra_leaves, grad_output.to(device, out.dtype), allow_unused=True
+            )
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves + extra_leaves)]
+        grad_hidden = grads[0].to("cpu", hidden.dtype)
+        grad_prompts = None if prompts is None else grads[1].to("cpu", prompts.dtype)
+        return grad_hidden, grad_prompts, [g.cpu() for g in grads[len(leaves) :]]
