@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ptune_reference import reference_forward
 from transformers import LlamaForCausalLM
 
 from corolla.client.local_chain import LocalChain
 from corolla.client.model import AutoDistributedModelForCausalLM
-from corolla.models.deep_prompts import prompt_overlap
 from corolla.models.stack import BlockStack
 
 K = 3
@@ -35,31 +35,6 @@ def _model(tiny_llama, mode: str):
             torch.manual_seed(3)
             model.ptune.intermediate_prompt_embeddings.weight.normal_(0, 0.5)
     return model
-
-
-def reference_forward(reference, ids, prompts, deep, attention_mask=None):
-    """transformers with `prompts` [K, H] prepended and `deep` [blocks, K, H] added before each block."""
-    batch = ids.shape[0]
-    embeds = torch.cat([prompts.expand(batch, -1, -1), reference.model.embed_tokens(ids)], dim=1)
-    mask = None
-    if attention_mask is not None:
-        mask = torch.cat([torch.ones(batch, K, dtype=attention_mask.dtype), attention_mask], dim=1)
-    hooks = []
-    if deep is not None:
-        for i, layer in enumerate(reference.model.layers):
-
-            def hook(module, args, kwargs, prompt=deep[i]):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                if prompt_overlap(K, 0, hidden.shape[1]) and hidden.shape[1] >= K:
-                    hidden = torch.cat([hidden[:, :K] + prompt, hidden[:, K:]], dim=1)
-                return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-
-            hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        return reference(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, K:].contiguous()
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _params(model):
