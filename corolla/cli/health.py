@@ -2,25 +2,43 @@
 
 The DHT cannot list its keys, so the models come from ``--model``: a checkpoint folder or Hub id (the
 DHT prefix and block count are derived the way a server derives them) or a bare DHT prefix together
-with ``--num_blocks``. The table itself is built by :mod:`corolla.cli.health_table`; this module only
-reads the records and prints.
+with ``--num_blocks``. ``corolla monitor`` takes the same flags (:func:`add_model_flags`). The state
+is built by :mod:`corolla.monitor.state` (shared with the dashboard) and laid out by
+:mod:`corolla.cli.health_table`; this module only reads the records and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from datetime import datetime
 
 from corolla.cli.common import add_network_flags, flag, network_config, setup_logging
-from corolla.cli.health_table import ModelHealth, format_health
+from corolla.cli.health_table import format_health
 from corolla.client.swarm_reader import SwarmReader
+from corolla.monitor.collector import ModelRef, read_models
+from corolla.monitor.state import swarm_json
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase the screen
 DEFAULT_WATCH_SECONDS = 2.0
 FETCH_TIMEOUT = 30.0
+MODELS_HELP = (
+    "The DHT cannot enumerate the models it holds, so name each one with --model: a checkpoint folder or "
+    "Hub id (the DHT prefix and block count are derived from it, as a server derives them), or a bare "
+    "DHT prefix (what servers pass as --dht_prefix) together with --num_blocks."
+)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--num_blocks``: which models to read (shared by health and monitor)."""
+    flag(parser, "model", nargs="+", action="extend", required=True, metavar="MODEL_OR_DHT_PREFIX",
+         help="a checkpoint folder or Hub id (DHT prefix and block count derived from it, as a server "
+         "does), or a bare DHT prefix when --num_blocks is given; repeat or list several")  # fmt: skip
+    flag(parser, "num_blocks", type=int, default=None, metavar="N",
+         help="number of blocks for models given as a bare DHT prefix (overrides a checkpoint's count)")  # fmt: skip
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -29,22 +47,22 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "Show which blocks of each model the swarm serves and by whom. Coverage is one character per "
         "block: '.' no online server, '1'..'9' that many, '+' more than 9. Then one row per server: name, "
         "blocks [start:end), state, throughput (tokens/s), inference latency (ms per token per block), "
-        "free KV-cache tokens, software and wire versions, dtype, quantization, direct or relayed."
+        "free KV-cache tokens, software and wire versions, dtype, quantization, adapters, direct or "
+        "relayed (and any record field added later). " + MODELS_HELP
     )
-    flag(parser, "model", nargs="+", action="extend", required=True, metavar="MODEL_OR_DHT_PREFIX",
-         help="a checkpoint folder or Hub id (DHT prefix and block count derived from it, as a server "
-         "does), or a bare DHT prefix when --num_blocks is given; repeat or list several")  # fmt: skip
-    flag(parser, "num_blocks", type=int, default=None, metavar="N",
-         help="number of blocks for models given as a bare DHT prefix (overrides a checkpoint's count)")  # fmt: skip
+    add_model_flags(parser)
     flag(parser, "watch", nargs="?", type=float, const=DEFAULT_WATCH_SECONDS, default=None, metavar="SECONDS",
          help=f"refresh every SECONDS (default {DEFAULT_WATCH_SECONDS:g}) until Ctrl-C, clearing the screen "
          "on a terminal; without it, print once and exit")  # fmt: skip
+    flag(parser, "json", action="store_true",
+         help="print the raw state as JSON instead of the table (the same document as `corolla monitor`'s "
+         "/api/v1/state: every record field, coverage, gaps); with --watch, one JSON document per line")  # fmt: skip
     add_network_flags(parser, client=True)
     parser.set_defaults(log_level="WARNING")  # the table goes to stdout; keep stderr quiet by default
     return parser
 
 
-def resolve_model(ref: str, num_blocks: int | None) -> tuple[str, int]:
+def resolve_model(ref: str, num_blocks: int | None, prog: str = "corolla health") -> ModelRef:
     """``(dht_prefix, num_blocks)`` for a ``--model`` argument."""
     if num_blocks is not None and not os.path.isdir(ref):
         return ref, num_blocks  # a bare DHT prefix (a Hub id here would also need its config read)
@@ -54,23 +72,34 @@ def resolve_model(ref: str, num_blocks: int | None) -> tuple[str, int]:
         config = Checkpoint(ref).config
     except Exception as e:
         raise SystemExit(
-            f"corolla health: cannot read the config of {ref!r} ({e}); for a bare DHT prefix pass --num_blocks N"
+            f"{prog}: cannot read the config of {ref!r} ({e}); for a bare DHT prefix pass --num_blocks N"
         ) from e
     return default_dht_prefix(ref), num_blocks if num_blocks is not None else config.num_hidden_layers
 
 
-def snapshot(reader: SwarmReader, models: list[tuple[str, int]]) -> str:
-    return format_health([ModelHealth(prefix, reader.block_infos(prefix, n)) for prefix, n in models])
+def resolve_models(args: argparse.Namespace, prog: str = "corolla health") -> list[ModelRef]:
+    if args.num_blocks is not None and args.num_blocks <= 0:
+        raise SystemExit(f"{prog}: --num_blocks must be positive")
+    return [resolve_model(ref, args.num_blocks, prog) for ref in dict.fromkeys(args.model)]
 
 
-def watch(reader: SwarmReader, models: list[tuple[str, int]], period: float) -> None:
+def snapshot(reader: SwarmReader, models: list[ModelRef], as_json: bool = False) -> str:
+    states = read_models(reader, models)
+    if as_json:
+        return json.dumps(swarm_json(states, updated_at=time.time()), allow_nan=False) + "\n"
+    return format_health(states)
+
+
+def watch(reader: SwarmReader, models: list[ModelRef], period: float, as_json: bool = False) -> None:
     """Redraw until Ctrl-C: the screen is cleared on a terminal, snapshots are appended otherwise."""
-    tty = sys.stdout.isatty()
+    tty = sys.stdout.isatty() and not as_json
     try:
         while True:
-            text = snapshot(reader, models)
-            stamp = f"corolla health  {datetime.now():%H:%M:%S}  (every {period:g} s, Ctrl-C to stop)\n\n"
-            sys.stdout.write((CLEAR_SCREEN if tty else "") + stamp + text + ("" if tty else "\n"))
+            text = snapshot(reader, models, as_json)
+            if not as_json:
+                stamp = f"corolla health  {datetime.now():%H:%M:%S}  (every {period:g} s, Ctrl-C to stop)\n\n"
+                text = (CLEAR_SCREEN if tty else "") + stamp + text + ("" if tty else "\n")
+            sys.stdout.write(text)
             sys.stdout.flush()
             time.sleep(period)
     except KeyboardInterrupt:
@@ -81,15 +110,15 @@ def run(args: argparse.Namespace) -> None:
     setup_logging(args.log_level)
     if args.watch is not None and args.watch <= 0:
         raise SystemExit("corolla health: --watch SECONDS must be positive")
-    models = [resolve_model(ref, args.num_blocks) for ref in dict.fromkeys(args.model)]
+    models = resolve_models(args)
     with SwarmReader(
         network_config(args, client_mode=True), name="corolla-health", timeout=FETCH_TIMEOUT
     ) as reader:
         if args.watch is None:
-            sys.stdout.write(snapshot(reader, models))
+            sys.stdout.write(snapshot(reader, models, args.json))
             sys.stdout.flush()
         else:
-            watch(reader, models, args.watch)
+            watch(reader, models, args.watch, args.json)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,33 +1,36 @@
-"""The text of ``corolla health``: DHT records in, a terminal table out. Pure functions, no I/O.
+"""The text of ``corolla health``: a :class:`~corolla.monitor.state.ModelState` in, a terminal table out.
 
-Coverage counts only ONLINE servers (a JOINING or OFFLINE server cannot take a request yet or any
-more), while the server rows list every record found, whatever its state, so an operator sees the
-servers that are coming up or going away. A server's row shows the range it announces, which is what
-it claims to serve; the coverage line shows what the records per block actually say.
+Pure functions, no I/O. What counts as covered, and which record stands for a server, is decided once
+in :mod:`corolla.monitor.state` (shared with the web dashboard); this module only lays it out. A
+server's row shows the range it announces, which is what it claims to serve; the coverage line shows
+what the records per block actually say.
+
+Record fields this table does not know by name (added to ``ServerInfo`` later) get a column of their
+own, so nothing a server announces is hidden; the bulky ones (config hash, RTT lists) stay in
+``--json``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import fields
 
-from corolla.wire.records import ServerInfo, ServerState
+from corolla.monitor.state import ModelState, ServerEntry, block_ranges
+from corolla.wire.records import ServerInfo
 
 NO_SERVER = "."
 MANY = "+"  # more than 9 servers on one block
-SHORT_ID_CHARS = 8
 
 COLUMNS = (
-    "server", "blocks", "state", "tok/s", "ms/blk", "free cache", "version", "wire", "dtype", "quant", "conn",
+    "server", "blocks", "state", "tok/s", "ms/blk", "free cache", "version", "wire", "dtype", "quant",
+    "adapters", "conn",
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ModelHealth:
-    """What was read for one model: its DHT prefix and, per block, ``{peer_id: ServerInfo}``."""
-
-    dht_prefix: str
-    block_infos: list[dict[str, ServerInfo]]
+# fields shown by the columns above, or left to --json on purpose
+SHOWN_FIELDS = {
+    "state", "start", "end", "public_name", "throughput", "inference_latency", "free_cache_tokens",
+    "software_version", "wire_version", "torch_dtype", "quantization", "adapters", "relayed",
+}  # fmt: skip
+JSON_ONLY_FIELDS = {"config_hash", "next_rtts", "inference_max_length", "max_batch_size"}
 
 
 def coverage_char(count: int) -> str:
@@ -41,44 +44,21 @@ def coverage_line(counts: Sequence[int]) -> str:
     return "".join(coverage_char(c) for c in counts)
 
 
-def online_counts(block_infos: Sequence[dict[str, ServerInfo]]) -> list[int]:
-    return [sum(info.state == ServerState.ONLINE for info in servers.values()) for servers in block_infos]
+def extra_fields() -> list[str]:
+    """ServerInfo fields without a column of their own, in declaration order."""
+    return [f.name for f in fields(ServerInfo) if f.name not in SHOWN_FIELDS | JSON_ONLY_FIELDS]
 
 
-def block_ranges(blocks: Sequence[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'; an empty list -> 'none'."""
-    if not blocks:
-        return "none"
-    parts: list[str] = []
-    start = prev = blocks[0]
-    for b in [*blocks[1:], None]:
-        if b is not None and b == prev + 1:
-            prev = b
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if b is not None:
-            start = prev = b
-    return ", ".join(parts)
+def server_rows(model: ModelState) -> list[tuple[str, ...]]:
+    """One row per server, ordered by first block then name (the state's order)."""
+    extra = extra_fields()
+    return [_row(entry) + tuple(_cell(getattr(entry.info, name)) for name in extra) for entry in model.servers]
 
 
-def server_name(peer_id: str, info: ServerInfo) -> str:
-    """The public name a server chose, else the tail of its peer id (the head is the same for all)."""
-    return info.public_name or f"...{peer_id[-SHORT_ID_CHARS:]}"
-
-
-def server_rows(block_infos: Sequence[dict[str, ServerInfo]]) -> list[tuple[str, ...]]:
-    """One row per server found under any block, ordered by first block then name."""
-    seen: dict[str, ServerInfo] = {}
-    for servers in block_infos:
-        for peer_id, info in servers.items():
-            seen.setdefault(peer_id, info)
-    ordered = sorted(seen.items(), key=lambda item: (item[1].start, item[1].end, server_name(*item)))
-    return [_row(peer_id, info) for peer_id, info in ordered]
-
-
-def _row(peer_id: str, info: ServerInfo) -> tuple[str, ...]:
+def _row(entry: ServerEntry) -> tuple[str, ...]:
+    info = entry.info
     return (
-        server_name(peer_id, info),
+        entry.name,
         f"[{info.start}:{info.end})",
         info.state.value,
         f"{info.throughput:.1f}",
@@ -88,8 +68,17 @@ def _row(peer_id: str, info: ServerInfo) -> tuple[str, ...]:
         str(info.wire_version),
         info.torch_dtype,
         info.quantization,
+        ",".join(info.adapters) or "-",
         "relayed" if info.relayed else "direct",
     )
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) or "-"
+    return str(getattr(value, "value", value))
 
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -102,24 +91,23 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[s
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
-def format_model(model: ModelHealth) -> str:
+def format_model(model: ModelState) -> str:
     """The coverage summary and the server table of one model."""
-    counts = online_counts(model.block_infos)
-    rows = server_rows(model.block_infos)
-    online = sum(row[2] == ServerState.ONLINE.value for row in rows)
     lines = [
-        f"model {model.dht_prefix}: {len(counts)} blocks, {len(rows)} servers ({online} online)",
-        f"  coverage  [{coverage_line(counts)}]",
-        f"  no server: {block_ranges([b for b, c in enumerate(counts) if c == 0])}",
-        f"  1 server:  {block_ranges([b for b, c in enumerate(counts) if c == 1])}",
+        f"model {model.dht_prefix}: {model.num_blocks} blocks, {len(model.servers)} servers "
+        f"({model.num_online} online), bottleneck {model.bottleneck_throughput:.1f} tok/s",
+        f"  coverage  [{coverage_line(model.coverage)}]",
+        f"  no server: {block_ranges(model.gaps)}",
+        f"  1 server:  {block_ranges(model.single_server_blocks)}",
     ]
-    if rows:
-        lines += ["", *("  " + text for text in render_table(COLUMNS, rows))]
+    if model.servers:
+        header = (*COLUMNS, *extra_fields())
+        lines += ["", *("  " + text for text in render_table(header, server_rows(model)))]
     else:
         lines.append("  (no server records found under this prefix)")
     return "\n".join(lines)
 
 
-def format_health(models: Sequence[ModelHealth]) -> str:
+def format_health(models: Sequence[ModelState]) -> str:
     """Every model's section, separated by a blank line."""
     return "\n\n".join(format_model(m) for m in models) + "\n"

@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("corolla.cli.demo", "start a private swarm on this machine and chat with it"),
     "health": ("corolla.cli.health", "show block coverage and the servers of models in a swarm"),
     "api": ("corolla.cli.api", "serve an OpenAI-compatible API and a web chat for a model in a swarm"),
+    "monitor": ("corolla.cli.monitor", "serve a web dashboard of the swarm's health (reads only the DHT)"),
 }
 
 

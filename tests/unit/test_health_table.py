@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from corolla.cli.health_table import (
-    ModelHealth,
-    block_ranges,
+    COLUMNS,
     coverage_line,
+    extra_fields,
     format_health,
     format_model,
     server_rows,
 )
+from corolla.monitor.state import model_state
 from corolla.wire.records import ServerInfo, ServerState
 
 PEER_A = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAaaaa1111"
@@ -21,20 +24,15 @@ def info(start: int, end: int, state: ServerState = ServerState.ONLINE, **kwargs
     return ServerInfo(state=state, start=start, end=end, **kwargs)
 
 
-def records(num_blocks: int, servers: dict[str, ServerInfo]) -> list[dict[str, ServerInfo]]:
-    """What fetch_block_infos returns: each server's record under every block of its range."""
-    return [{p: i for p, i in servers.items() if i.start <= b < i.end} for b in range(num_blocks)]
+def state(prefix: str, num_blocks: int, servers: dict[str, ServerInfo]):
+    """The model state of what fetch_block_infos returns: each server's record under every block of its range."""
+    records = [{p: i for p, i in servers.items() if i.start <= b < i.end} for b in range(num_blocks)]
+    return model_state(prefix, records)
 
 
 def test_coverage_characters():
     assert coverage_line([0, 1, 2, 9, 10, 57]) == ".129++"
     assert coverage_line([]) == ""
-
-
-def test_block_ranges():
-    assert block_ranges([]) == "none"
-    assert block_ranges([3]) == "3"
-    assert block_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
 
 
 def test_gaps_counts_and_rows():
@@ -49,24 +47,34 @@ def test_gaps_counts_and_rows():
             software_version="0.1.0",
             torch_dtype="bfloat16",
             quantization="nf4",
+            adapters=("lora-a", "lora-b"),
         ),  # fmt: skip
-        PEER_B: info(2, 6, public_name="beta", relayed=True),
+        PEER_B: info(2, 6, public_name="beta", relayed=True, throughput=10.0),
     }
-    text = format_model(ModelHealth("tiny", records(8, servers)))
+    text = format_model(state("tiny", 8, servers))
     lines = text.splitlines()
-    assert lines[0] == "model tiny: 8 blocks, 2 servers (2 online)"
+    assert lines[0] == "model tiny: 8 blocks, 2 servers (2 online), bottleneck 0.0 tok/s"  # blocks 6-7: none
     assert "[112211..]" in lines[1]
     assert lines[2].endswith("no server: 6-7")
     assert lines[3].endswith("1 server:  0-1, 4-5")
-    alpha = next(line for line in lines if "alpha" in line).split()
-    assert alpha == ["alpha", "[0:4)", "online", "123.5", "2.1", "8192", "0.1.0", "1", "bfloat16", "nf4", "direct"]
-    beta = next(line for line in lines if "beta" in line).split()
-    assert beta[1] == "[2:6)" and beta[-1] == "relayed" and beta[6] == "?"  # no software version announced
+    alpha = next(line for line in lines if line.strip().startswith("alpha")).split()
+    assert alpha[: len(COLUMNS)] == [
+        "alpha", "[0:4)", "online", "123.5", "2.1", "8192", "0.1.0", "1", "bfloat16", "nf4", "lora-a,lora-b",
+        "direct",
+    ]  # fmt: skip
+    beta = next(line for line in lines if line.strip().startswith("beta")).split()
+    assert beta[1] == "[2:6)" and beta[6] == "?"  # no software version announced
+    assert beta[10:12] == ["-", "relayed"]  # no adapters
+
+
+def test_bottleneck_is_the_weakest_block():
+    servers = {PEER_A: info(0, 4, throughput=5.0), PEER_B: info(2, 4, throughput=7.0)}
+    assert "bottleneck 5.0 tok/s" in format_model(state("m", 4, servers))
 
 
 def test_offline_server_is_listed_but_not_counted():
     servers = {PEER_A: info(0, 3, public_name="up"), PEER_B: info(0, 3, ServerState.OFFLINE, public_name="down")}
-    text = format_model(ModelHealth("m", records(3, servers)))
+    text = format_model(state("m", 3, servers))
     assert "[111]" in text
     assert "2 servers (1 online)" in text
     down = next(line for line in text.splitlines() if "down" in line).split()
@@ -75,12 +83,25 @@ def test_offline_server_is_listed_but_not_counted():
 
 def test_unnamed_server_shows_short_peer_id_and_rows_sorted():
     servers = {PEER_C: info(4, 8), PEER_A: info(0, 4, public_name="first")}
-    rows = server_rows(records(8, servers))
+    rows = server_rows(state("m", 8, servers))
     assert [r[0] for r in rows] == ["first", "...cccc3333"]
 
 
+def test_fields_without_a_column_get_one():
+    """Whatever the record holds beyond the named columns is shown, so new fields are never hidden."""
+    extra = extra_fields()
+    declared = [f.name for f in fields(ServerInfo)]
+    assert all(name in declared for name in extra)
+    assert "state" not in extra and "config_hash" not in extra
+    text = format_model(state("m", 2, {PEER_A: info(0, 2, public_name="x")}))
+    header = next(line for line in text.splitlines() if line.strip().startswith("server"))
+    assert header.split()[-len(extra) :] == extra if extra else header.rstrip().endswith("conn")
+    row = server_rows(state("m", 2, {PEER_A: info(0, 2)}))[0]
+    assert len(row) == len(COLUMNS) + len(extra)
+
+
 def test_no_records_and_several_models():
-    text = format_health([ModelHealth("a", records(2, {})), ModelHealth("b", records(2, {PEER_A: info(0, 2)}))])
+    text = format_health([state("a", 2, {}), state("b", 2, {PEER_A: info(0, 2)})])
     sections = text.split("\n\n")
     assert sections[0].startswith("model a: 2 blocks, 0 servers")
     assert "[..]" in sections[0] and "no server records" in sections[0]

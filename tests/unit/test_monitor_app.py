@@ -1,0 +1,122 @@
+"""The monitor's collector (on a fake DHT reader) and its web app (in-process client, no sockets)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from corolla.monitor.app import create_app
+from corolla.monitor.collector import StateCollector
+from corolla.wire.records import ServerInfo, ServerState
+
+PEER_A = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAaaaa1111"
+PEER_B = "12D3KooWBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBbbbb2222"
+
+
+class FakeReader:
+    """Stands in for SwarmReader: serves the records set on it, or raises ``failure``."""
+
+    timeout = 1.0
+
+    def __init__(self, servers: dict[str, ServerInfo]):
+        self.servers = servers
+        self.failure: Exception | None = None
+        self.reads: list[tuple[str, int]] = []
+
+    def block_infos(self, dht_prefix: str, num_blocks: int):
+        self.reads.append((dht_prefix, num_blocks))
+        if self.failure is not None:
+            raise self.failure
+        return [{p: i for p, i in self.servers.items() if i.start <= b < i.end} for b in range(num_blocks)]
+
+
+def two_servers(b_state: ServerState = ServerState.ONLINE) -> dict[str, ServerInfo]:
+    return {
+        PEER_A: ServerInfo(ServerState.ONLINE, 0, 4, public_name="a"),
+        PEER_B: ServerInfo(b_state, 4, 8, public_name="b"),
+    }
+
+
+def test_collector_reads_every_model_and_logs_changes(caplog):
+    reader = FakeReader(two_servers())
+    collector = StateCollector(reader, [("m", 8), ("other", 2)], period=5.0)
+    before = collector.latest()
+    assert before["models"] == [] and before["updated_at"] is None and before["refresh_seconds"] == 5.0
+
+    with caplog.at_level(logging.INFO, logger="corolla.monitor"):
+        collector.refresh()
+        reader.servers = two_servers(ServerState.OFFLINE)
+        collector.refresh()
+    assert reader.reads == [("m", 8), ("other", 2)] * 2
+    state = collector.latest()
+    assert [m["dht_prefix"] for m in state["models"]] == ["m", "other"]
+    assert state["models"][0]["gaps"] == [4, 5, 6, 7] and state["error"] is None
+    assert state["updated_at"] is not None and state["served_at"] >= state["updated_at"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert "m: 2 servers (2 online)" in messages
+    assert "m: server b [4:8): online -> offline" in messages
+    assert "m: no online server for blocks 4-7" in messages
+
+
+def test_collector_keeps_the_last_state_when_a_read_fails(caplog):
+    reader = FakeReader(two_servers())
+    collector = StateCollector(reader, [("m", 8)], period=5.0)
+    collector.refresh()
+    good = collector.latest()
+    reader.failure = TimeoutError("DHT get timed out")
+    with caplog.at_level(logging.WARNING, logger="corolla.monitor"):
+        collector.refresh()
+    stale = collector.latest()
+    assert stale["error"] == "TimeoutError: DHT get timed out"
+    assert stale["models"] == good["models"] and stale["updated_at"] == good["updated_at"]
+    assert any("Reading the DHT failed" in r.getMessage() for r in caplog.records)
+    reader.failure = None
+    collector.refresh()
+    assert collector.latest()["error"] is None
+
+
+def test_collector_thread_starts_and_stops():
+    reader = FakeReader(two_servers())
+    collector = StateCollector(reader, [("m", 8)], period=0.01).start()
+    try:
+        deadline = time.monotonic() + 60  # only guards against a hang
+        while len(reader.reads) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        collector.stop()
+    assert len(reader.reads) >= 3, "the collector thread did not refresh periodically"
+    assert collector.latest()["models"][0]["coverage"] == [1] * 8
+    assert not collector._thread.is_alive()
+    with pytest.raises(ValueError):
+        StateCollector(reader, [("m", 8)], period=0)
+
+
+def test_app_serves_page_assets_and_state():
+    reader = FakeReader(two_servers())
+    collector = StateCollector(reader, [("m", 8)], period=2.0)
+    collector.refresh()
+    client = TestClient(create_app(collector.latest))
+
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="/static/dashboard.js">' in page.text and "/static/dashboard.css" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
+
+    script = client.get("/static/dashboard.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "/api/v1/state" in script.text and "data-coverage" in script.text
+    assert "innerHTML" not in script.text  # swarm-provided strings are inserted as text only
+    style = client.get("/static/dashboard.css")
+    assert style.status_code == 200 and "text/css" in style.headers["content-type"]
+    for name in ("../app.py", "index.html", "missing.js"):
+        assert client.get(f"/static/{name}").status_code == 404
+
+    state = client.get("/api/v1/state")
+    assert state.status_code == 200 and state.headers["cache-control"] == "no-store"
+    doc = state.json()
+    assert doc["models"][0]["dht_prefix"] == "m" and doc["models"][0]["fully_covered"] is True
+    assert [s["name"] for s in doc["models"][0]["servers"]] == ["a", "b"]
+    assert client.get("/docs").status_code == 404  # FastAPI's docs load assets from a CDN: off
