@@ -304,7 +304,8 @@ class Engine:
                 stopping_criteria=StoppingCriteriaList([tracker]),
                 session=session,
             )
-            tracker.finish()
+            if not job.cancelled.is_set():
+                tracker.finish()
             route, failovers = describe_route(session), getattr(session.chain_session, "failovers", 0)
         end = time.perf_counter()
         first = tracker.first_token_at or end
