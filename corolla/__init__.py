@@ -30,6 +30,11 @@ _LAZY_EXPORTS = {
     "DistributedBloomForCausalLM": "corolla.client.model",
     "DistributedFalconForCausalLM": "corolla.client.model",
     "RemoteSequential": "corolla.client.remote_sequential",
+    "AutoDistributedModelForSequenceClassification": "corolla.client.classification",
+    "DistributedModelForSequenceClassification": "corolla.client.classification",
+    "DistributedLlamaForSequenceClassification": "corolla.client.classification",
+    "DistributedMistralForSequenceClassification": "corolla.client.classification",
+    "DistributedQwen2ForSequenceClassification": "corolla.client.classification",
 }
 
 __all__ = [

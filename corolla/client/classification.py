@@ -1,0 +1,218 @@
+"""Sequence classification through the swarm: `AutoDistributedModelForSequenceClassification` and family classes.
+
+The client holds the embeddings, the final norm and a score head (``score``: ``nn.Linear(H, num_labels,
+bias=False)``); the blocks are remote, as for the causal LM. Semantics are transformers'
+``LlamaForSequenceClassification``: logits of every position, pooled at the last token that is not
+``pad_token_id`` (the rightmost, so left and right padding both work; position -1 when the config has no
+pad token, which then allows only batches of one), and transformers' own loss for ``labels``
+(regression, single- or multi-label classification, by ``config.problem_type``).
+
+The score head is read from the checkpoint when it has one (``score.weight``, a saved
+``*ForSequenceClassification``), else initialised as transformers does (normal, ``initializer_range``).
+With ``tuning_mode`` the prompts and the score head train; the embeddings and norm are frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, MistralConfig, PreTrainedModel, Qwen2Config
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+from corolla.client.chain import RemoteChain
+from corolla.client.model import RemoteDecoderModel, _resolve_dtype
+from corolla.client.ptune import PromptTuning
+from corolla.client.remote_sequential import RemoteSequential
+from corolla.models.checkpoint import Checkpoint, default_dht_prefix
+from corolla.models.client_head import ClientHead
+from corolla.models.registry import UnsupportedModelError, supported_model_types
+
+__all__ = [
+    "AutoDistributedModelForSequenceClassification",
+    "DistributedLlamaForSequenceClassification",
+    "DistributedMistralForSequenceClassification",
+    "DistributedModelForSequenceClassification",
+    "DistributedQwen2ForSequenceClassification",
+]
+
+_IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "device_map", "trust_remote_code", "use_safetensors")
+_CONFIG_OPTIONS = ("num_labels", "id2label", "label2id", "problem_type")
+
+
+class DistributedModelForSequenceClassification(PreTrainedModel):
+    """A sequence classifier whose blocks run on a `RemoteChain`."""
+
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+
+    def __init__(self, config, head: ClientHead, chain: RemoteChain, *, tuning_mode=None, pre_seq_len: int = 0):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RemoteDecoderModel(head.embed_tokens, RemoteSequential(chain), head.norm)
+        dtype = head.embed_tokens.weight.dtype
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False, dtype=dtype)
+        with torch.no_grad():
+            self.score.weight.normal_(0.0, getattr(config, "initializer_range", 0.02))
+        self.ptune = None if tuning_mode is None else PromptTuning(config, tuning_mode, pre_seq_len)
+        if self.ptune is not None:
+            head.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name_or_path: str,
+        *,
+        initial_peers=None,
+        dht_prefix: str | None = None,
+        torch_dtype=None,
+        dtype=None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        chain: RemoteChain | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        **options,
+    ) -> DistributedModelForSequenceClassification:
+        """Load the client's part and connect to the swarm (or `chain`); `num_labels=`, `id2label=`,
+        `label2id=`, `problem_type=` override the config, as in transformers."""
+        for name in _IGNORED_HF_OPTIONS:
+            options.pop(name, None)
+        token = options.pop("use_auth_token", token)
+        overrides = {name: options.pop(name) for name in _CONFIG_OPTIONS if name in options}
+        ref = str(model_name_or_path)
+        dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, ref, revision, token)
+        head = ClientHead.load(ref, dtype=dtype, revision=revision, token=token, progress=False)
+        head.lm_head = None  # a classifier has no LM head
+        config = head.config
+        expected = getattr(cls.config_class, "model_type", None)
+        if expected and config.model_type != expected:
+            raise UnsupportedModelError(
+                f"{cls.__name__} is for model_type {expected!r}, the checkpoint is {config.model_type!r}; "
+                "use AutoDistributedModelForSequenceClassification"
+            )
+        for name, value in overrides.items():
+            setattr(config, name, value)
+        if chain is None:
+            from corolla.client.sequence_manager import RemoteSequenceManager
+
+            chain = RemoteSequenceManager.from_pretrained_args(
+                model_ref=ref,
+                config=config,
+                initial_peers=initial_peers,
+                dht_prefix=dht_prefix if dht_prefix is not None else default_dht_prefix(ref),
+                **options,
+            )
+        elif options:
+            raise TypeError(f"unexpected options with an explicit chain: {', '.join(sorted(options))}")
+        model = cls(config, head, chain, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len)
+        checkpoint = Checkpoint(ref, revision=revision, token=token)
+        if "score.weight" in checkpoint.weight_map:
+            weight = checkpoint.load_tensors(["score.weight"], dtype=dtype, progress=False)["score.weight"]
+            if tuple(weight.shape) != tuple(model.score.weight.shape):
+                raise ValueError(
+                    f"the checkpoint's score.weight is {tuple(weight.shape)}, expected "
+                    f"{tuple(model.score.weight.shape)} for num_labels={config.num_labels}"
+                )
+            with torch.no_grad():
+                model.score.weight.copy_(weight)
+        return model.eval()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    @property
+    def chain(self) -> RemoteChain:
+        return self.model.layers.chain
+
+    def shutdown(self) -> None:
+        """Leave the swarm: stop this client's network thread and libp2p daemon."""
+        shutdown = getattr(self.chain, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        if self.ptune is not None:
+            hidden = self.ptune.run(self.model, input_ids, attention_mask, position_ids, inputs_embeds)
+        else:
+            hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds).last_hidden_state
+        logits = self.score(hidden)
+        batch = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and batch != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        if pad is None or input_ids is None:
+            last = torch.full((batch,), -1, dtype=torch.long, device=logits.device)
+        else:  # the rightmost token that is not padding (left or right padding)
+            non_pad = (input_ids != pad).to(logits.device, torch.int32)
+            last = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * non_pad).argmax(
+                -1
+            )
+        pooled = logits[torch.arange(batch, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        output = SequenceClassifierOutputWithPast(loss=loss, logits=pooled)
+        return output if return_dict is not False else output.to_tuple()
+
+
+class DistributedLlamaForSequenceClassification(DistributedModelForSequenceClassification):
+    config_class = LlamaConfig
+
+
+class DistributedMistralForSequenceClassification(DistributedModelForSequenceClassification):
+    config_class = MistralConfig
+
+
+class DistributedQwen2ForSequenceClassification(DistributedModelForSequenceClassification):
+    config_class = Qwen2Config
+
+
+CLASSIFIER_CLASSES: dict[str, type[DistributedModelForSequenceClassification]] = {}
+
+
+def register_classifier_class(cls: type[DistributedModelForSequenceClassification]):
+    """Make `AutoDistributedModelForSequenceClassification` use `cls` for its config class's `model_type`."""
+    CLASSIFIER_CLASSES[cls.config_class.model_type] = cls
+    return cls
+
+
+for _cls in (
+    DistributedLlamaForSequenceClassification,
+    DistributedMistralForSequenceClassification,
+    DistributedQwen2ForSequenceClassification,
+):
+    if _cls.config_class.model_type in supported_model_types():
+        register_classifier_class(_cls)
+
+
+class AutoDistributedModelForSequenceClassification:
+    """Picks the distributed classifier from the checkpoint's `model_type`, like transformers' Auto classes."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("use AutoDistributedModelForSequenceClassification.from_pretrained(...)")
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, *, revision=None, token=None, **kwargs):
+        model_type = Checkpoint(str(model_name_or_path), revision=revision, token=token).raw_config.get(
+            "model_type"
+        )
+        if model_type not in CLASSIFIER_CLASSES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} has no distributed classifier class; supported: "
+                f"{', '.join(sorted(CLASSIFIER_CLASSES))}"
+            )
+        return CLASSIFIER_CLASSES[model_type].from_pretrained(
+            model_name_or_path, revision=revision, token=token, **kwargs
+        )
