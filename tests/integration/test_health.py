@@ -1,27 +1,79 @@
-"""`corolla health` against the shared swarm, run as users run it: a one-shot subprocess, stdout not a TTY."""
+"""`corolla health` against the shared swarm, run as users run it: a subprocess, stdout not a TTY."""
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import subprocess
 
 SERVERS = {"s0": "[0:4)", "s1": "[3:8)", "s2": "[2:6)"}  # as the shared_swarm fixture starts them
 
 
+def health_cmd(shared_swarm, tiny_llama, *extra: str) -> list[str]:
+    return ["-m", "corolla.cli.health", "--initial_peers", *shared_swarm.initial_peers,
+            "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--model", str(tiny_llama), *extra]  # fmt: skip
+
+
+def table(out: str) -> dict[str, dict[str, str]]:
+    """The server table as {server: {column: value}}; columns are separated by two or more spaces."""
+    lines = [line.strip() for line in out.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("server "))
+    header = re.split(r"\s{2,}", lines[start])
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line:
+            break
+        cells = re.split(r"\s{2,}", line)
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
 def test_health_shows_coverage_and_servers(shared_swarm, tiny_llama, processes):
-    cmd = ["-m", "corolla.cli.health", "--initial_peers", *shared_swarm.initial_peers,
-           "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--model", str(tiny_llama)]  # fmt: skip
-    proc = processes.start(cmd, "health", stdout=subprocess.PIPE)
+    proc = processes.start(health_cmd(shared_swarm, tiny_llama), "health", stdout=subprocess.PIPE)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, f"health exited with {proc.returncode}; log:\n{proc.log_path.read_text()[-3000:]}"
 
-    assert out.startswith("model tiny-llama: 8 blocks"), out
+    assert out.startswith("model tiny-llama: 8 blocks, 3 servers (3 online)"), out
     coverage = re.search(r"coverage\s+\[([^\]]*)\]", out)
     assert coverage is not None, out
-    assert len(coverage.group(1)) == 8 and "." not in coverage.group(1), out
+    assert coverage.group(1) == "11232211", out  # s0 [0:4), s2 [2:6), s1 [3:8)
     assert "\x1b[" not in out  # no screen clearing when stdout is not a terminal
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    rows = table(out)
     for name, blocks in SERVERS.items():
         assert name in rows, out
-        assert rows[name][1:3] == [blocks, "online"], out
-        assert rows[name][-1] in ("direct", "relayed"), out
+        row = rows[name]
+        assert (row["blocks"], row["state"]) == (blocks, "online"), out
+        assert row["conn"] in ("direct", "relayed") and row["adapters"] == "-" and row["dtype"] == "float32", out
+        assert row["version"] != "?" and float(row["tok/s"]) >= 0 and int(row["free cache"]) >= 0, out
+
+
+def test_health_json_is_the_monitor_state(shared_swarm, tiny_llama, processes):
+    proc = processes.start(health_cmd(shared_swarm, tiny_llama, "--json"), "health-json", stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, proc.log_path.read_text()[-3000:]
+    doc = json.loads(out)
+    (model,) = doc["models"]
+    assert model["dht_prefix"] == "tiny-llama" and model["num_blocks"] == 8 and model["fully_covered"] is True
+    servers = {s["name"]: s for s in model["servers"]}
+    assert {n: f"[{s['info']['start']}:{s['info']['end']})" for n, s in servers.items()} == SERVERS
+    assert all(s["info"]["state"] == "online" for s in servers.values())
+    assert model["coverage"] == [1, 1, 2, 3, 2, 2, 1, 1]
+
+
+def test_health_watch_redraws_until_interrupted(shared_swarm, tiny_llama, processes):
+    proc = processes.start(
+        health_cmd(shared_swarm, tiny_llama, "--watch", "0.2"), "health-watch", stdout=subprocess.PIPE
+    )
+    first = [proc.stdout.readline() for _ in range(2)]
+    assert first[0].startswith("corolla health  ") and "(every 0.2 s, Ctrl-C to stop)" in first[0], first
+    snapshots = 1
+    for line in proc.stdout:  # appended snapshots (not a terminal): count the stamps, stop after the third
+        if line.startswith("corolla health  "):
+            snapshots += 1
+            if snapshots == 3:
+                break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, proc.log_path.read_text()[-3000:]
+    assert snapshots == 3 and "Traceback" not in proc.log_path.read_text()
