@@ -62,6 +62,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     flag(parser, "balance_quality", type=float, default=0.75,
          help="move only if the swarm's slowest block now is below this share of its speed after the move "
               "(0 < q <= 1; 1 = any improvement) (default: %(default)s)")  # fmt: skip
+    flag(parser, "adapters", nargs="+", default=[], metavar="ADAPTER",
+         help="PEFT LoRA adapters to serve: local folders or Hub repo ids holding adapter_config.json and "
+              "adapter_model.safetensors, each optionally NAME=REF; clients pick one with active_adapter=NAME "
+              "(default name: REF)")  # fmt: skip
+    flag(parser, "max_client_adapter_bytes", type=int, default=256 * 2**20,
+         help="most bytes of LoRA weights one client may upload here to train them (0 = refuse client "
+              "adapters) (default: %(default)s)")  # fmt: skip
+    flag(parser, "client_adapter_ttl", type=float, default=600,
+         help="seconds an unused client adapter is kept before it is dropped (default: %(default)s)")  # fmt: skip
     add_network_flags(parser)
     return parser
 
@@ -89,6 +98,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         throughput=args.throughput,
         balance_period=args.balance_period,
         balance_quality=args.balance_quality,
+        adapters=tuple(args.adapters),
+        max_client_adapter_bytes=args.max_client_adapter_bytes,
+        client_adapter_ttl=args.client_adapter_ttl,
     )
 
 

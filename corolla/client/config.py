@@ -39,6 +39,8 @@ class ClientConfig:
     blocked_servers: frozenset[str] = frozenset()
     #: Where the client's libp2p daemon listens (a client needs no public address).
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    #: Served LoRA adapter for every request and session unless one names another (Petals' name); None = base.
+    active_adapter: str | None = None
 
     def __post_init__(self):
         # users pass lists or sets of peer ids (str or hivemind PeerID); keep them as frozensets of str

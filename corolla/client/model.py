@@ -54,6 +54,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from corolla.client.chain import RemoteChain
 from corolla.client.generation import GenerationSession
+from corolla.client.lora import using_adapter
 from corolla.client.ptune import PromptTuning
 from corolla.client.remote_sequential import RemoteSequential
 from corolla.models.checkpoint import Checkpoint, CheckpointError, default_dht_prefix
@@ -205,8 +206,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     # -- sessions ------------------------------------------------------------------------------------
 
-    def inference_session(self, max_length: int) -> GenerationSession:
-        """Open a session over every block for up to `max_length` tokens; use it as a context manager."""
+    def inference_session(self, max_length: int, active_adapter: str | None = None) -> GenerationSession:
+        """Open a session over every block for up to `max_length` tokens; use it as a context manager.
+
+        `active_adapter` names a served LoRA adapter for this session (default: the model's, if any)."""
+        if active_adapter is not None:
+            with using_adapter(active_adapter):
+                return self.inference_session(max_length)
         if self.ptune is not None:
             session = self.ptune.open_session(self.model.layers, max_length)
             return GenerationSession(session, max_length, owner=self)
@@ -282,9 +288,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return output if return_dict is not False else output.to_tuple()
 
     def generate(
-        self, inputs: torch.Tensor | None = None, *args, session: GenerationSession | None = None, **kwargs
+        self,
+        inputs: torch.Tensor | None = None,
+        *args,
+        session: GenerationSession | None = None,
+        active_adapter: str | None = None,
+        **kwargs,
     ):
-        """transformers' generate; in a session, `inputs` are the new tokens and the result the whole history."""
+        """transformers' generate; in a session, `inputs` are the new tokens and the result the whole history.
+
+        `active_adapter` names a served LoRA adapter for this call (a given `session` keeps its own)."""
+        if active_adapter is not None:
+            with using_adapter(active_adapter):
+                return self.generate(inputs, *args, session=session, **kwargs)
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         config = kwargs.get("generation_config") or self.generation_config
         if (kwargs.get("num_beams") or config.num_beams or 1) > 1:

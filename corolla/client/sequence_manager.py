@@ -20,17 +20,20 @@ import torch
 
 from corolla.client.bridge import LoopThread
 from corolla.client.config import ClientConfig
+from corolla.client.lora import current_adapter
 from corolla.client.routing import Hop, format_route, plan_max_throughput, plan_min_latency, uncovered_blocks
 from corolla.swarm.discovery import fetch_block_infos
 from corolla.swarm.node import NetworkConfig, SwarmNode
 from corolla.swarm.spans import RemoteSpanInfo, compute_spans
 from corolla.swarm.transport import call
 from corolla.wire.errors import (
+    AdapterLimitError,
     BadRequestError,
     CacheFullError,
     ChainFailedError,
     MissingBlocksError,
     SessionLengthError,
+    UnknownAdapterError,
 )
 from corolla.wire.messages import ForwardRequest, ForwardResponse, ModelRef, PingRequest, PingResponse
 from corolla.wire.records import WIRE_VERSION
@@ -42,7 +45,9 @@ logger = logging.getLogger(__name__)
 RouteMode = Literal["min_latency", "max_throughput"]
 
 #: Errors that are the caller's to fix: never retried on another server.
-FATAL_ERRORS = (BadRequestError, SessionLengthError, CacheFullError, MissingBlocksError, ChainFailedError)
+FATAL_ERRORS = (
+    BadRequestError, SessionLengthError, CacheFullError, MissingBlocksError, ChainFailedError, AdapterLimitError
+)  # fmt: skip
 
 
 class RemoteSequenceManager:
@@ -210,6 +215,15 @@ class RemoteSequenceManager:
                 log("Route for blocks [%d, %d) (%s): %s", start, end, mode, format_route(route, self._names()))
                 return route
             missing = uncovered_blocks(usable, start, end)
+            if adapter is not None and self.spans and not self._anyone_serves(adapter):
+                if not force:  # re-read the DHT once before saying nobody serves it
+                    force = True
+                    continue
+                served = sorted({a for s in self.spans.values() for a in s.info.adapters})
+                raise UnknownAdapterError(
+                    f"no server of {self.model.dht_prefix!r} serves adapter {adapter!r} "
+                    f"(adapters served: {', '.join(map(repr, served)) or 'none'})"
+                )
             if await self._unban_live_servers_of(missing):
                 continue  # a banned server is the only one left for some blocks, and it answers again
             remaining = deadline - time.monotonic()
@@ -242,6 +256,9 @@ class RemoteSequenceManager:
                 lifted = True
         return lifted
 
+    def _anyone_serves(self, adapter: str) -> bool:
+        return any(adapter in s.info.adapters for s in self.spans.values())
+
     def _names(self) -> dict[str, str]:
         return {p: s.info.public_name for p, s in self.spans.items() if s.info.public_name}
 
@@ -269,24 +286,25 @@ class RemoteSequenceManager:
 
     # --- calls -------------------------------------------------------------------------------------
 
-    def forward(self, hidden, positions, attention_mask, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden, positions, attention_mask, start: int = 0, end: int | None = None, adapter: str | None = None
+    ) -> torch.Tensor:
+        """Blocks [start, end) over whole sequences; ``adapter`` (default: see ``corolla.client.lora``)."""
         end = self.num_blocks if end is None else end
+        adapter = adapter or current_adapter(self.config.active_adapter)
         rows = max(1, self.config.max_message_bytes // 2 // max(1, hidden[0].numel() * hidden.element_size()))
-        outputs = [
-            self.bridge.run(
-                self._forward(
-                    hidden[i : i + rows], positions[i : i + rows], attention_mask[i : i + rows], start, end
-                )
-            )  # fmt: skip
-            for i in range(0, hidden.shape[0], rows)
-        ]
+        outputs = []
+        for i in range(0, hidden.shape[0], rows):
+            part = slice(i, i + rows)
+            run = self._forward(hidden[part], positions[part], attention_mask[part], start, end, adapter)
+            outputs.append(self.bridge.run(run))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    async def _forward(self, hidden, positions, mask, start: int, end: int) -> torch.Tensor:
+    async def _forward(self, hidden, positions, mask, start: int, end: int, adapter: str | None = None):
         block, x, failures = start, hidden, 0
         while block < end:
-            hop = (await self.make_route(block, end, mode="max_throughput"))[0]
-            request = ForwardRequest(self.model, hop.start, hop.end, x, positions, mask)
+            hop = (await self.make_route(block, end, mode="max_throughput", adapter=adapter))[0]
+            request = ForwardRequest(self.model, hop.start, hop.end, x, positions, mask, adapter=adapter or "")
             try:
                 response = await call(
                     self.node.p2p, hop.peer_id, request, ForwardResponse, self.config.request_timeout,
@@ -299,10 +317,10 @@ class RemoteSequenceManager:
             x, block = response.hidden.to(hidden.dtype), hop.end
         return x
 
-    def open_session(self, max_length: int):
+    def open_session(self, max_length: int, adapter: str | None = None):
         from corolla.client.inference_session import InferenceSession
 
-        return InferenceSession(self, max_length)
+        return InferenceSession(self, max_length, adapter=adapter)
 
     def shutdown(self) -> None:
         self._refresher.cancel()

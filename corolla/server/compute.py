@@ -4,12 +4,15 @@ All torch work happens on this thread, so concurrent sessions never race on a de
 loop stays free to answer pings and read the next messages while a step computes (torch releases
 the GIL inside its kernels). Inference steps go before forward passes (lower number = sooner); equal
 priorities run in arrival order. Each job is a plain callable; its result or exception comes back to
-the submitting coroutine through its future.
+the submitting coroutine through its future. A job runs in a copy of the submitter's context
+(``contextvars``), so per-request choices set around ``submit`` (the LoRA adapter, see
+``corolla.models.lora.use_adapter``) apply to that job only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import queue
@@ -35,7 +38,8 @@ class ComputeWorker:
     async def submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._jobs.put((priority, next(self._seq), fn, args, loop, future))
+        context = contextvars.copy_context()
+        self._jobs.put((priority, next(self._seq), context.run, (fn, *args), loop, future))
         return await future
 
     def shutdown(self) -> None:

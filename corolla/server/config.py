@@ -51,6 +51,12 @@ class ServerConfig:
     balance_period: float = 120.0
     balance_quality: float = 0.75
     balance_confirm: float = 5.0
+    #: PEFT LoRA adapters to serve (``REF`` or ``NAME=REF``; REF a local folder or Hub repo id).
+    adapters: tuple[str, ...] = ()
+    #: Most bytes of LoRA weights one client may upload for training (0 = accept none), and how long an
+    #: unused upload is kept.
+    max_client_adapter_bytes: int = 256 * 2**20
+    client_adapter_ttl: float = 600.0
 
     def __post_init__(self) -> None:
         if self.block_indices is not None and self.num_blocks is not None:
@@ -66,6 +72,8 @@ class ServerConfig:
             raise ValueError(f"balance_quality must be in (0, 1], got {self.balance_quality}")
         if self.balance_period < 0 or self.balance_confirm < 0:
             raise ValueError("balance_period and balance_confirm must be >= 0")
+        if self.max_client_adapter_bytes < 0 or self.client_adapter_ttl <= 0:
+            raise ValueError("max_client_adapter_bytes must be >= 0 and client_adapter_ttl > 0")
         if self.cache.attn_cache_tokens < 0:
             raise ValueError(f"attn_cache_tokens must be >= 0, got {self.cache.attn_cache_tokens}")
 

@@ -12,7 +12,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
+from corolla.models.lora import use_adapter
+from corolla.server.adapters import AdapterStore, lora_backward
 from corolla.server.backend import BlockBackend
 from corolla.server.backward import TrainingBackend
 from corolla.server.memory_cache import MemoryCache
@@ -22,6 +25,7 @@ from corolla.wire.errors import (
     ServerBusyError,
     ServerRefusedError,
     SessionLengthError,
+    UnknownAdapterError,
 )
 from corolla.wire.framing import read_message, write_message
 from corolla.wire.messages import (
@@ -36,6 +40,10 @@ from corolla.wire.messages import (
     InferenceStepResult,
     InfoRequest,
     InfoResponse,
+    LoraReleaseRequest,
+    LoraReleaseResponse,
+    LoraUploadRequest,
+    LoraUploadResponse,
     ModelRef,
     PingRequest,
     PingResponse,
@@ -64,8 +72,10 @@ class RequestHandler:
         request_timeout: float,
         session_timeout: float,
         max_message_bytes: int,
+        adapters: AdapterStore | None = None,
     ):
         self.backend, self.memory, self.model, self.get_info = backend, memory, model, get_info
+        self.adapters = adapters
         self.inference_max_length = inference_max_length
         self.max_batch_size = max_batch_size
         self.request_timeout = request_timeout
@@ -102,18 +112,35 @@ class RequestHandler:
         elif isinstance(request, ForwardRequest):
             self._check_model(request.model)
             self._check_accepting()
-            out = await asyncio.wait_for(
-                self.backend.forward(
-                    request.start, request.end, request.hidden, request.positions, request.attention_mask
-                ),
-                self.request_timeout,
-            )
+            with self._use_adapter(peer, request.adapter, request.start, request.end):
+                out = await asyncio.wait_for(
+                    self.backend.forward(
+                        request.start, request.end, request.hidden, request.positions, request.attention_mask
+                    ),
+                    self.request_timeout,
+                )
             await self._send(writer, ForwardResponse(out))
         elif isinstance(request, (TrainForwardRequest, BackwardRequest)):
             self._check_model(request.model)
             self._check_accepting()
             serve = self.training.forward if isinstance(request, TrainForwardRequest) else self.training.backward
-            await self._send(writer, await asyncio.wait_for(serve(request), self.request_timeout))
+            own = self._client_adapter(peer, request) if isinstance(request, BackwardRequest) else None
+            if own is not None:  # the client's own LoRA: its gradients go back too
+                response = await asyncio.wait_for(lora_backward(self.training, own, request), self.request_timeout)
+            else:
+                with self._use_adapter(peer, request.adapter, request.start, request.end):
+                    response = await asyncio.wait_for(serve(request), self.request_timeout)
+            await self._send(writer, response)
+        elif isinstance(request, LoraUploadRequest):
+            self._check_model(request.model)
+            self._check_accepting()
+            if self.adapters is None:
+                raise BadRequestError("this server does not accept client adapters")
+            await self._send(writer, LoraUploadResponse(self.adapters.upload(peer, request)))
+        elif isinstance(request, LoraReleaseRequest):
+            self._check_model(request.model)
+            released = self.adapters is not None and self.adapters.release(peer, request.name)
+            await self._send(writer, LoraReleaseResponse(released))
         elif isinstance(request, InferenceOpen):
             await self._inference(peer, request, reader, writer)
         else:
@@ -130,6 +157,7 @@ class RequestHandler:
             )
         if not 1 <= request.batch_size <= self.max_batch_size:
             raise BadRequestError(f"batch_size {request.batch_size} is outside [1, {self.max_batch_size}]")
+        adapter = self._use_adapter(peer, request.adapter, request.start, request.end)  # checked before any cache
         cache_size = request.batch_size * request.max_length * (request.end - request.start)
         async with self.memory.reserve(cache_size):
             session = self.backend.open_session(request.start, request.end, request.batch_size, request.max_length)
@@ -140,7 +168,8 @@ class RequestHandler:
             )  # fmt: skip
             try:
                 await self._send(writer, InferenceOpened(dtype_name(self.backend.dtype), request.max_length))
-                await self._steps(session, reader, writer)
+                with adapter:
+                    await self._steps(session, reader, writer)
             finally:
                 self.active_sessions -= 1
                 del session
@@ -167,6 +196,19 @@ class RequestHandler:
                 await self._answer_error(writer, e, "")
                 continue
             await self._send(writer, InferenceStepResult(out))
+
+    def _use_adapter(self, peer: str, name: str, start: int, end: int) -> AbstractContextManager:
+        """Makes the blocks apply adapter ``name`` ("" = none) in compute jobs submitted inside it."""
+        if not name:
+            return nullcontext()
+        if self.adapters is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not served here (this server serves no adapters)")
+        return use_adapter(self.adapters.resolve(peer, name, start, end))
+
+    def _client_adapter(self, peer: str, request: BackwardRequest):
+        if not request.adapter or self.adapters is None:
+            return None
+        return self.adapters.client_weights(peer, request.adapter, request.start, request.end)
 
     def _check_model(self, model: ModelRef) -> None:
         if model != self.model:

@@ -28,8 +28,10 @@ import torch
 
 from corolla import __version__
 from corolla.models.checkpoint import Checkpoint, config_hash, default_dht_prefix
+from corolla.models.lora import attach_lora
 from corolla.models.registry import get_family
 from corolla.models.stack import BlockStack
+from corolla.server.adapters import AdapterStore, load_served_adapter, parse_adapter_spec
 from corolla.server.backend import BlockBackend
 from corolla.server.block_selection import Span, block_throughputs, choose_best_start, quality, rebalance_target
 from corolla.server.compute import ComputeWorker
@@ -67,6 +69,7 @@ class Server:
         self.compute: ComputeThroughput | None = None
         self.network_throughput: float | None = None
         self.next_rtts: tuple[tuple[str, float], ...] = ()
+        self.adapter_names = tuple(sorted(parse_adapter_spec(spec)[0] for spec in config.adapters))
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -116,6 +119,7 @@ class Server:
         worker = ComputeWorker()
         try:
             stack = await self._load(start, end, self.dtype)
+            adapters = await self._load_adapters(stack)
             backend = BlockBackend(stack, worker)
             memory = MemoryCache(cfg.cache.attn_cache_tokens * (end - start), cfg.cache.max_alloc_timeout)
             latency = await self._measure_latency(backend)
@@ -124,7 +128,7 @@ class Server:
                 backend, memory, self.model_ref, lambda: self._current_info(memory),
                 inference_max_length=cfg.inference_max_length, max_batch_size=cfg.max_batch_size,
                 request_timeout=cfg.request_timeout, session_timeout=cfg.session_timeout,
-                max_message_bytes=cfg.max_message_bytes,
+                max_message_bytes=cfg.max_message_bytes, adapters=adapters,
             )  # fmt: skip
             new_start = await self._serve_until(stop, memory)
             if new_start is None:
@@ -226,6 +230,28 @@ class Server:
         logger.info("Measured %.2f ms per token per block for inference", latency * 1000)
         return latency
 
+    async def _load_adapters(self, stack: BlockStack) -> AdapterStore:
+        """The served adapters (checked against the model; a bad one stops the server) and client uploads."""
+        cfg = self.config
+
+        def load() -> AdapterStore:
+            served = {}
+            for spec in cfg.adapters:
+                name, ref = parse_adapter_spec(spec)
+                served[name] = adapter = load_served_adapter(ref, stack, token=cfg.token)
+                logger.info(
+                    "Serving adapter %r from %s: r=%d, alpha=%g, targets %s, %d of blocks [%d, %d)",
+                    name, ref, adapter.r, adapter.alpha, ",".join(adapter.target_modules), len(adapter.weights),
+                    stack.start, stack.end,
+                )  # fmt: skip
+            if served or cfg.max_client_adapter_bytes > 0:
+                attach_lora(stack)
+            return AdapterStore(
+                stack, served, max_client_bytes=cfg.max_client_adapter_bytes, client_ttl=cfg.client_adapter_ttl
+            )
+
+        return await asyncio.get_running_loop().run_in_executor(None, load)
+
     def _make_info(self, state: ServerState, start: int, end: int, latency: float = 0.0) -> ServerInfo:
         cfg = self.config
         compute = self.compute
@@ -239,7 +265,7 @@ class Server:
             max_batch_size=cfg.max_batch_size, torch_dtype=dtype_name(self.dtype),
             software_version=__version__, config_hash=self.model_ref.config_hash,
             next_rtts=self.next_rtts, forward_throughput=compute.forward,
-            network_throughput=self.network_throughput or 0.0,
+            network_throughput=self.network_throughput or 0.0, adapters=self.adapter_names,
         )  # fmt: skip
 
     def _current_info(self, memory: MemoryCache) -> ServerInfo:

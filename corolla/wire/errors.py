@@ -53,6 +53,18 @@ class ServerBusyError(RemoteError):
     code = "busy"
 
 
+class UnknownAdapterError(RemoteError, ValueError):
+    """No adapter of this name: a server does not serve it, or a client adapter was not (or no longer) uploaded."""
+
+    code = "unknown_adapter"
+
+
+class AdapterLimitError(RemoteError):
+    """An uploaded client adapter would exceed the server's per-client adapter memory bound."""
+
+    code = "adapter_limit"
+
+
 class MissingBlocksError(CorollaError):
     """No reachable server hosts some blocks, even after the bounded wait."""
 
@@ -90,6 +102,8 @@ ERROR_CLASSES: dict[str, type[RemoteError]] = {
         CacheFullError,
         SessionLengthError,
         ServerBusyError,
+        UnknownAdapterError,
+        AdapterLimitError,
     )
 }
 

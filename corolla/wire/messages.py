@@ -52,7 +52,8 @@ class ForwardRequest:
     """Run blocks [start, end) over a whole sequence, without a cache.
 
     ``positions`` [B, T] int64 are the tokens' position ids; ``attention_mask`` [B, T] bool marks
-    real tokens (False = padding).
+    real tokens (False = padding). ``adapter`` names a LoRA adapter to apply (one the server serves, or
+    the client's own uploaded one, see :class:`LoraUploadRequest`); "" = the base model.
     """
 
     model: ModelRef
@@ -61,6 +62,7 @@ class ForwardRequest:
     hidden: torch.Tensor
     positions: torch.Tensor
     attention_mask: torch.Tensor
+    adapter: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class InferenceOpen:
     end: int
     max_length: int
     batch_size: int
+    adapter: str = ""  # LoRA adapter for every step of the session ("" = base model), see ForwardRequest
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class TrainForwardRequest:
     positions: torch.Tensor
     attention_mask: torch.Tensor
     prompts: torch.Tensor | None
+    adapter: str = ""  # as in ForwardRequest
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class BackwardRequest:
     attention_mask: torch.Tensor
     grad_output: torch.Tensor
     prompts: torch.Tensor | None
+    adapter: str = ""  # as in ForwardRequest; a client's own adapter gets its gradients back
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,8 @@ class BackwardResponse:
 
     grad_hidden: torch.Tensor
     grad_prompts: torch.Tensor | None
+    #: gradients of the request's client adapter (its A and B) for the span's blocks, when it named one
+    adapter_grads: tuple[LoraTensors, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,55 @@ class InferencePromptStep:
     positions: torch.Tensor
     attention_mask: torch.Tensor
     prompts: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LoraTensors:
+    """One LoRA pair of a block: ``a`` [r, in], ``b`` [out, r] for the HF linear ``target``
+    (``self_attn.q_proj``, relative to the block), or their gradients."""
+
+    block: int
+    target: str
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LoraUploadRequest:
+    """A client's own LoRA weights for blocks [start, end) of the server, stored under (client, ``name``).
+
+    Forward and backward requests then name it in ``adapter``; the delta is ``scale * B(A(x))``. An upload
+    under an existing name adds to (or overwrites blocks of) it; ``replaces`` names an older version to
+    drop first. The server keeps it until released or unused for its TTL, within a per-client byte bound.
+    Answered with :class:`LoraUploadResponse`.
+    """
+
+    model: ModelRef
+    name: str
+    start: int
+    end: int
+    scale: float
+    weights: tuple[LoraTensors, ...]
+    replaces: str = ""
+
+
+@dataclass(frozen=True)
+class LoraUploadResponse:
+    stored_bytes: int  # this client's adapter bytes now held by the server
+
+
+@dataclass(frozen=True)
+class LoraReleaseRequest:
+    """Drop this client's adapter ``name`` (all of this client's, if ``name`` is ""). Answered with
+    :class:`LoraReleaseResponse`."""
+
+    model: ModelRef
+    name: str
+
+
+@dataclass(frozen=True)
+class LoraReleaseResponse:
+    released: bool
 
 
 @dataclass(frozen=True)
@@ -199,6 +255,10 @@ class Kind(enum.IntEnum):
     BACKWARD_REQUEST = 21
     BACKWARD_RESPONSE = 22
     INFERENCE_PROMPT_STEP = 23
+    LORA_UPLOAD_REQUEST = 30
+    LORA_UPLOAD_RESPONSE = 31
+    LORA_RELEASE_REQUEST = 32
+    LORA_RELEASE_RESPONSE = 33
     PROBE_REQUEST = 40
     PROBE_RESPONSE = 41
 
@@ -219,6 +279,10 @@ MESSAGE_CLASSES: dict[Kind, type] = {
     Kind.BACKWARD_REQUEST: BackwardRequest,
     Kind.BACKWARD_RESPONSE: BackwardResponse,
     Kind.INFERENCE_PROMPT_STEP: InferencePromptStep,
+    Kind.LORA_UPLOAD_REQUEST: LoraUploadRequest,
+    Kind.LORA_UPLOAD_RESPONSE: LoraUploadResponse,
+    Kind.LORA_RELEASE_REQUEST: LoraReleaseRequest,
+    Kind.LORA_RELEASE_RESPONSE: LoraReleaseResponse,
     Kind.PROBE_REQUEST: ProbeRequest,
     Kind.PROBE_RESPONSE: ProbeResponse,
 }

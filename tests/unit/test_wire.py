@@ -75,10 +75,10 @@ def test_server_info_round_trip():
 @pytest.mark.parametrize(
     "obj, text",
     [
-        ([["tiny", "h"], 1, 3], "expected 6 fields"),
-        ([["tiny", "h"], "1", 3, None, None, None], "ForwardRequest.start: expected int"),
-        ([["tiny", 5], 1, 3, None, None, None], "ForwardRequest.model.config_hash"),
-        ([["tiny", "h"], True, 3, None, None, None], "expected int, got bool"),
+        ([["tiny", "h"], 1, 3], "expected 7 fields"),
+        ([["tiny", "h"], "1", 3, None, None, None, ""], "ForwardRequest.start: expected int"),
+        ([["tiny", 5], 1, 3, None, None, None, ""], "ForwardRequest.model.config_hash"),
+        ([["tiny", "h"], True, 3, None, None, None, ""], "expected int, got bool"),
         ({"a": 1}, "malformed"),  # maps are refused outright
     ],
 )

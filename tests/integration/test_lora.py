@@ -1,0 +1,203 @@
+"""LoRA through a real swarm: served adapters (``--adapters``) and client-owned LoRA training.
+
+One module swarm: server ``with`` hosts all blocks and serves the adapter ``tiny-lora``, server
+``without`` hosts all blocks and serves none. Both accept client adapters up to a small bound.
+References are transformers + peft on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from swarm_harness import Swarm
+from transformers import LlamaForCausalLM
+
+from corolla import AutoDistributedModelForCausalLM
+from corolla.swarm.transport import call
+from corolla.wire.errors import AdapterLimitError, BadRequestError, UnknownAdapterError
+from corolla.wire.messages import (
+    ForwardRequest,
+    ForwardResponse,
+    InferenceOpen,
+    InferenceOpened,
+    LoraReleaseRequest,
+    LoraReleaseResponse,
+    LoraTensors,
+    LoraUploadRequest,
+    LoraUploadResponse,
+)
+from corolla.wire.records import ServerState
+
+ADAPTER = "tiny-lora"
+CLIENT_BYTES = 256 * 1024  # room for a rank-4 LoRA of every block of tiny_llama, not for rank 16
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    return LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(reference, tmp_path_factory):
+    """A PEFT adapter with random A and B (so that it changes the output), saved as safetensors."""
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    model = get_peft_model(copy.deepcopy(reference), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("adapter") / ADAPTER
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def merged(reference, adapter_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(reference), adapter_dir).merge_and_unload().eval()
+
+
+@pytest.fixture(scope="module")
+def swarm(session_processes, tiny_llama, adapter_dir, tmp_path_factory):
+    groups = type(session_processes)(tmp_path_factory.mktemp("lora-logs"))  # reaped at module end
+    swarm = Swarm(groups, tmp_path_factory.mktemp("lora-swarm"))
+    try:
+        swarm.start_dht()
+        common = (
+            "--block_indices",
+            "0:8",
+            "--max_client_adapter_bytes",
+            str(CLIENT_BYTES),
+            "--balance_period",
+            "0",
+        )
+        swarm.start_server("with", tiny_llama, *common, "--adapters", f"{ADAPTER}={adapter_dir}", wait=False)
+        swarm.start_server("without", tiny_llama, *common, wait=False)
+        for proc in swarm.servers.values():
+            swarm.wait_state(proc, ServerState.ONLINE, "tiny-llama")
+        yield swarm
+    finally:
+        swarm.close()
+        groups.kill_all()
+
+
+@pytest.fixture(scope="module")
+def model(swarm, tiny_llama):
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
+    yield model
+    model.shutdown()
+
+
+def _prompt(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 320, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- served adapters ------------------------------------------------------------------------------------
+
+
+def test_servers_announce_their_adapters(swarm):
+    infos = swarm.records("tiny-llama", 8)[0]
+    assert infos[swarm.servers["with"].peer_id].adapters == (ADAPTER,)
+    assert infos[swarm.servers["without"].peer_id].adapters == ()
+
+
+def test_generate_with_active_adapter_is_token_exact(model, merged, reference):
+    ids = _prompt(12, seed=1)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    expected = merged.generate(ids, **kwargs)
+    assert not torch.equal(expected, reference.generate(ids, **kwargs)), "the adapter should change the output"
+    assert torch.equal(model.generate(ids, active_adapter=ADAPTER, **kwargs), expected)
+    # and the base model again, on the same client
+    assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+
+
+def test_logits_and_session_route_use_only_adapter_servers(model, merged, swarm):
+    from corolla.client.lora import using_adapter
+
+    ids = _prompt(10, seed=2)
+    with torch.no_grad(), using_adapter(ADAPTER):
+        logits = model(ids).logits
+    torch.testing.assert_close(logits, merged(ids).logits, atol=1e-4, rtol=0)
+    with_peer = swarm.servers["with"].peer_id
+    for _ in range(3):  # the server without the adapter is as good a route for the base model: never chosen
+        with model.inference_session(max_length=16, active_adapter=ADAPTER) as session:
+            out = model.generate(ids[:, :4], max_new_tokens=2, do_sample=False, session=session)
+            assert [hop.peer_id for hop in session.chain_session.route] == [with_peer]
+        assert out.shape[1] == 6
+
+
+def test_from_pretrained_active_adapter(swarm, tiny_llama, merged):
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=swarm.initial_peers, active_adapter=ADAPTER
+    )
+    try:
+        ids = _prompt(8, seed=3)
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        assert torch.equal(model.generate(ids, **kwargs), merged.generate(ids, **kwargs))
+    finally:
+        model.shutdown()
+
+
+def test_unknown_adapter_is_a_clear_error(model, swarm):
+    ids = _prompt(6, seed=4)
+    with pytest.raises(UnknownAdapterError, match="nope.*tiny-lora"):
+        model.generate(ids, active_adapter="nope", max_new_tokens=2)
+    # asked directly, a server names the adapter, and keeps serving
+    manager = model.chain
+    peer = swarm.servers["with"].peer_id
+    hidden = torch.randn(1, 3, 64)
+    positions, mask = torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool)
+
+    async def ask(adapter):
+        request = ForwardRequest(manager.model, 0, 8, hidden, positions, mask, adapter=adapter)
+        return await call(manager.node.p2p, peer, request, ForwardResponse, 30)
+
+    with pytest.raises(UnknownAdapterError, match="'nope' is not served here.*tiny-lora"):
+        manager.bridge.run(ask("nope"))
+    with pytest.raises(UnknownAdapterError, match="'nope'"):
+        manager.bridge.run(
+            call(
+                manager.node.p2p,
+                peer,
+                InferenceOpen(manager.model, 0, 8, 8, 1, adapter="nope"),
+                InferenceOpened,
+                30,
+            )
+        )
+    base, adapted = manager.bridge.run(ask("")), manager.bridge.run(ask(ADAPTER))
+    assert base.hidden.shape == adapted.hidden.shape == (1, 3, 64)
+    assert not torch.allclose(base.hidden, adapted.hidden)
+
+
+def test_client_adapter_over_the_bound_is_refused(model, swarm):
+    manager = model.chain
+    peer = swarm.servers["without"].peer_id
+
+    def upload(rank, name="big", target="self_attn.q_proj", in_features=64, b_rows=64):
+        weights = tuple(
+            LoraTensors(i, target, torch.zeros(rank, in_features), torch.zeros(b_rows, rank)) for i in range(8)
+        )
+        request = LoraUploadRequest(manager.model, name, 0, 8, 1.0, weights)
+        return manager.bridge.run(call(manager.node.p2p, peer, request, LoraUploadResponse, 30))
+
+    with pytest.raises(AdapterLimitError, match="over the limit of 262144 bytes"):
+        upload(rank=100, target="mlp.down_proj", in_features=160)
+    with pytest.raises(BadRequestError, match="B \\[64, r\\]"):
+        upload(rank=4, b_rows=63)
+    with pytest.raises(BadRequestError, match="no linear layer 'self_attn.nope'"):
+        upload(rank=4, target="self_attn.nope")
+    assert upload(rank=4, name="small").stored_bytes == 8 * (4 * 64 + 64 * 4) * 4
+    release = LoraReleaseRequest(manager.model, "small")
+    assert manager.bridge.run(call(manager.node.p2p, peer, release, LoraReleaseResponse, 30)).released
+    # the server still serves
+    ids = _prompt(5, seed=5)
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, 5, 320)
