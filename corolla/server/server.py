@@ -388,7 +388,8 @@ class Server:
         if first is None:
             return None
         try:  # a random pause, then look again: another server may be moving to the same place
-            await asyncio.wait_for(stop.wait(), random.uniform(0.2, 1.0) * self.config.balance_confirm)
+            pause = random.uniform(0.2, 1.0) * min(self.config.balance_confirm, self.config.balance_period)
+            await asyncio.wait_for(stop.wait(), pause)
             return None
         except asyncio.TimeoutError:
             pass
