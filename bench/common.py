@@ -130,19 +130,29 @@ class Swarm:
         return self.initial_peers
 
     def start_server(
-        self, name: str, model: Path, blocks: str, dht_prefix: str, num_threads: int = 1, probe: bool = False
+        self,
+        name: str,
+        model: Path,
+        blocks: str | None,
+        dht_prefix: str,
+        num_threads: int = 1,
+        probe: bool = False,
+        extra: tuple[str, ...] = (),
     ):
-        """``corolla server`` as users run it; ``probe`` runs the same main() through ``probe_server``."""
+        """``corolla server`` as users run it; ``probe`` runs the same main() through ``probe_server``.
+
+        ``blocks`` None leaves the choice to the server (give ``--num_blocks`` in ``extra``, or nothing)."""
         from hivemind.p2p import P2P, PeerID
 
         identity = self.groups.log_dir / f"{name}.id"
         if not identity.exists():
             P2P.generate_identity(str(identity))
         entry = ["-m", "bench.common", "probe_server"] if probe else ["-m", "corolla.cli.run_server"]
-        cmd = [*entry, str(model), "--block_indices", blocks,
+        placement = ["--block_indices", blocks] if blocks is not None else []
+        cmd = [*entry, str(model), *placement,
                "--initial_peers", *self.initial_peers, "--host_maddrs", LOOPBACK,
                "--identity_path", str(identity), "--public_name", name, "--dht_prefix", dht_prefix,
-               "--num_threads", str(num_threads), "--update_period", "30"]  # fmt: skip
+               "--num_threads", str(num_threads), "--update_period", "30", *extra]  # fmt: skip
         env = {"OMP_NUM_THREADS": str(num_threads), "MKL_NUM_THREADS": str(num_threads)}
         probe_out = self.groups.log_dir / f"{name}.probe.json" if probe else None
         if probe_out is not None:
