@@ -69,10 +69,16 @@ class LoraSite:
 
 
 def lora_sites(family: ModelFamily, spec: BlockSpec) -> dict[str, LoraSite]:
-    """Every 2-D HF weight of a block, by HF module name, from the family's weight map."""
+    """Every 2-D HF weight of a block, by HF module name, from the family's weight map.
+
+    Families whose ``transform_state`` reorders rows of a fused q/k/v tensor (BLOOM, Falcon) offer no
+    site on it: its LoRA ``B`` rows would need the same reordering, which is not implemented.
+    """
     sites = {}
     for ours, parts in family.weight_map(spec).items():
         if not ours.endswith(".weight") or any(len(shape) != 2 for _, shape in parts):
+            continue
+        if family.transform_state is not None and ours == "attn.qkv.weight":
             continue
         offset = 0
         for hf, shape in parts:
