@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from tiny_models import CONFIGS, make_checkpoint
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_models import CONFIGS, make_checkpoint
 
 from corolla.models import BlockStack, ClientHead
 from corolla.models.lora import (
