@@ -205,3 +205,37 @@ def make_checkpoint(config, path, *, seed: int = 0, max_shard_size: str = "24KB"
     randomize(model, seed)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return model
+
+
+def tame_init(model: torch.nn.Module, seed: int = 0, logit_gain: float = 4.0) -> None:
+    """Non-pathological random weights: unit-gain projections (std 1/sqrt(fan_in)), residual outputs
+    scaled by 1/sqrt(2 * layers) (GPT-2's init), norms near 1, and an LM head giving logits of std
+    about `logit_gain` (peaked like a real LM's). For closeness tests of quantization."""
+    import math
+
+    layers = model.config.num_hidden_layers
+    residual_outputs = ("o_proj", "down_proj", "self_attention.dense.", "dense_4h_to_h", ".w2.")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim == 1:
+                param.copy_(1.0 + 0.1 * noise if name.endswith("weight") else 0.05 * noise)
+            elif "embed" in name:
+                param.copy_(noise)
+            elif "lm_head" in name:
+                param.copy_(noise * logit_gain / math.sqrt(param.shape[1]))
+            elif any(part in name for part in residual_outputs):
+                param.copy_(noise / math.sqrt(param.shape[1] * 2 * layers))
+            else:
+                param.copy_(noise / math.sqrt(param.shape[1]))
+
+
+def write_tame(config, path: Path, seed: int = 0, max_shard_size: str = "200KB"):
+    """A checkpoint of `config` with `tame_init` weights; returns the transformers model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    tame_init(model, seed)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return model

@@ -62,6 +62,7 @@ class BlockStack(nn.Module):
         self.num_kv_heads, self.head_dim = spec.num_kv_heads, spec.head_dim
         self.n_rep = spec.num_heads // spec.num_kv_heads
         self.windows = [s.sliding_window for s in self.specs]
+        self.quant_type = "none"  # set by `corolla.models.quant.quantize_stack`
         self.position_bias = family.position_bias(config)  # ALiBi families: no rotary
         self.rotary = None if self.position_bias else RotaryEmbedding.from_config(config, self.head_dim, device)
 
