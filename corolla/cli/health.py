@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -22,13 +23,17 @@ from corolla.client.swarm_reader import SwarmReader
 from corolla.monitor.collector import ModelRef, read_models
 from corolla.monitor.state import swarm_json
 
+logger = logging.getLogger("corolla.health")
+
 CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase the screen
 DEFAULT_WATCH_SECONDS = 2.0
 FETCH_TIMEOUT = 30.0
 MODELS_HELP = (
     "The DHT cannot enumerate the models it holds, so name each one with --model: a checkpoint folder or "
     "Hub id (the DHT prefix and block count are derived from it, as a server derives them), or a bare "
-    "DHT prefix (what servers pass as --dht_prefix) together with --num_blocks."
+    "DHT prefix (what servers pass as --dht_prefix). Without a block count (a bare prefix without "
+    "--num_blocks, or a Hub id whose config cannot be read) the count is the largest block end any server "
+    "announces, so blocks after the last served one cannot show as gaps."
 )
 
 
@@ -36,9 +41,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """``--model`` and ``--num_blocks``: which models to read (shared by health and monitor)."""
     flag(parser, "model", nargs="+", action="extend", required=True, metavar="MODEL_OR_DHT_PREFIX",
          help="a checkpoint folder or Hub id (DHT prefix and block count derived from it, as a server "
-         "does), or a bare DHT prefix when --num_blocks is given; repeat or list several")  # fmt: skip
+         "does), or a bare DHT prefix (a name without '/'); repeat or list several")  # fmt: skip
     flag(parser, "num_blocks", type=int, default=None, metavar="N",
-         help="number of blocks for models given as a bare DHT prefix (overrides a checkpoint's count)")  # fmt: skip
+         help="number of blocks of every --model (overrides a checkpoint's count; without it a bare DHT "
+         "prefix's count is inferred from the records)")  # fmt: skip
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -63,18 +69,32 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def resolve_model(ref: str, num_blocks: int | None, prog: str = "corolla health") -> ModelRef:
-    """``(dht_prefix, num_blocks)`` for a ``--model`` argument."""
-    if num_blocks is not None and not os.path.isdir(ref):
-        return ref, num_blocks  # a bare DHT prefix (a Hub id here would also need its config read)
+    """``(dht_prefix, num_blocks)`` for a ``--model`` argument; ``num_blocks`` None: infer it from the records.
+
+    A folder is a checkpoint; a name with a '/' a Hub id, whose config is read if it can be (from the local
+    Hub cache when offline); a bare name is a DHT prefix.
+    """
+    is_dir = os.path.isdir(ref)
+    if not is_dir and ref.startswith((".", "/", "~")):
+        raise SystemExit(f"{prog}: checkpoint folder {ref!r} does not exist")
+    if not is_dir and "/" not in ref:
+        return ref, num_blocks  # a bare DHT prefix
     from corolla.models.checkpoint import Checkpoint, default_dht_prefix  # torch/transformers: only if needed
 
+    if num_blocks is not None:
+        return default_dht_prefix(ref), num_blocks  # the count is given: no need for the config
     try:
         config = Checkpoint(ref).config
     except Exception as e:
-        raise SystemExit(
-            f"{prog}: cannot read the config of {ref!r} ({e}); for a bare DHT prefix pass --num_blocks N"
-        ) from e
-    return default_dht_prefix(ref), num_blocks if num_blocks is not None else config.num_hidden_layers
+        if is_dir:
+            raise SystemExit(f"{prog}: cannot read the config of checkpoint {ref!r}: {e}") from e
+        logger.warning(
+            "Cannot read the config of %r (%s); reading DHT prefix %r and taking its block count from the "
+            "records (pass --num_blocks to see trailing blocks no server announces)",
+            ref, e, default_dht_prefix(ref),
+        )  # fmt: skip
+        return default_dht_prefix(ref), None
+    return default_dht_prefix(ref), config.num_hidden_layers
 
 
 def resolve_models(args: argparse.Namespace, prog: str = "corolla health") -> list[ModelRef]:

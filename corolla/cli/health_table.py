@@ -18,6 +18,7 @@ from dataclasses import fields
 from corolla.monitor.state import ModelState, ServerEntry, block_ranges
 from corolla.wire.records import ServerInfo
 
+INFERRED = " (count inferred from the records)"
 NO_SERVER = "."
 MANY = "+"  # more than 9 servers on one block
 
@@ -94,7 +95,8 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[s
 def format_model(model: ModelState) -> str:
     """The coverage summary and the server table of one model."""
     lines = [
-        f"model {model.dht_prefix}: {model.num_blocks} blocks, {len(model.servers)} servers "
+        f"model {model.dht_prefix}: {model.num_blocks} blocks{INFERRED if model.num_blocks_inferred else ''}, "
+        f"{len(model.servers)} servers "
         f"({model.num_online} online), bottleneck {model.bottleneck_throughput:.1f} tok/s",
         f"  coverage  [{coverage_line(model.coverage)}]",
         f"  no server: {block_ranges(model.gaps)}",

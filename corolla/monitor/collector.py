@@ -17,16 +17,29 @@ from typing import Any
 
 from corolla import __version__
 from corolla.client.swarm_reader import SwarmReader
-from corolla.monitor.state import ModelState, describe_changes, model_state, swarm_json
+from corolla.monitor.state import ModelState, announced_block_count, describe_changes, model_state, swarm_json
 
 logger = logging.getLogger("corolla.monitor")
 
-ModelRef = tuple[str, int]  # (dht_prefix, num_blocks)
+ModelRef = tuple[str, int | None]  # (dht_prefix, num_blocks); None: infer the count from the records
+PROBE_BLOCKS = 128  # blocks read at once when the count is not known; more only if a record says so
+MAX_BLOCKS = 4096  # a bound on what a (possibly bogus) announced end can make us read
 
 
 def read_models(reader: SwarmReader, models: Sequence[ModelRef]) -> list[ModelState]:
     """One DHT read per model, in the order given."""
-    return [model_state(prefix, reader.block_infos(prefix, num_blocks)) for prefix, num_blocks in models]
+    return [read_model(reader, prefix, num_blocks) for prefix, num_blocks in models]
+
+
+def read_model(reader: SwarmReader, dht_prefix: str, num_blocks: int | None) -> ModelState:
+    """Read one model; without ``num_blocks``, probe the first blocks and trust the largest announced end."""
+    if num_blocks is not None:
+        return model_state(dht_prefix, reader.block_infos(dht_prefix, num_blocks))
+    records = reader.block_infos(dht_prefix, PROBE_BLOCKS)
+    count = min(announced_block_count(records), MAX_BLOCKS)
+    if count > len(records):
+        records = reader.block_infos(dht_prefix, count)
+    return model_state(dht_prefix, records[:count], num_blocks_inferred=True)
 
 
 class StateCollector:

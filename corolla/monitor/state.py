@@ -83,6 +83,9 @@ class ModelState:
     dht_prefix: str
     blocks: tuple[BlockState, ...]
     servers: tuple[ServerEntry, ...]
+    # True when the block count was not given but taken from the records (the largest announced end), so
+    # trailing blocks that no server announces cannot show as gaps
+    num_blocks_inferred: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -116,6 +119,7 @@ class ModelState:
         return {
             "dht_prefix": self.dht_prefix,
             "num_blocks": self.num_blocks,
+            "num_blocks_inferred": self.num_blocks_inferred,
             "coverage": self.coverage,
             "gaps": self.gaps,
             "single_server_blocks": self.single_server_blocks,
@@ -128,7 +132,7 @@ class ModelState:
         }
 
 
-def model_state(dht_prefix: str, block_records: BlockRecords) -> ModelState:
+def model_state(dht_prefix: str, block_records: BlockRecords, num_blocks_inferred: bool = False) -> ModelState:
     """Build a model's state from the records found under each of its blocks."""
     first: dict[str, ServerInfo] = {}
     found: dict[str, list[int]] = {}
@@ -150,7 +154,12 @@ def model_state(dht_prefix: str, block_records: BlockRecords) -> ModelState:
         )
     entries = [ServerEntry(p, info, tuple(found[p])) for p, info in first.items()]
     entries.sort(key=lambda e: (e.info.start, e.info.end, e.name, e.peer_id))
-    return ModelState(dht_prefix, tuple(blocks), tuple(entries))
+    return ModelState(dht_prefix, tuple(blocks), tuple(entries), num_blocks_inferred)
+
+
+def announced_block_count(block_records: BlockRecords) -> int:
+    """The model's block count as far as the records tell: the largest ``end`` any server announces."""
+    return max((info.end for servers in block_records for info in servers.values()), default=0)
 
 
 def swarm_json(models: Sequence[ModelState], **extra: Any) -> dict[str, Any]:

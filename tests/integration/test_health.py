@@ -10,9 +10,9 @@ import subprocess
 SERVERS = {"s0": "[0:4)", "s1": "[3:8)", "s2": "[2:6)"}  # as the shared_swarm fixture starts them
 
 
-def health_cmd(shared_swarm, tiny_llama, *extra: str) -> list[str]:
+def health_cmd(shared_swarm, model, *extra: str) -> list[str]:
     return ["-m", "corolla.cli.health", "--initial_peers", *shared_swarm.initial_peers,
-            "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--model", str(tiny_llama), *extra]  # fmt: skip
+            "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--model", str(model), *extra]  # fmt: skip
 
 
 def table(out: str) -> dict[str, dict[str, str]]:
@@ -48,13 +48,15 @@ def test_health_shows_coverage_and_servers(shared_swarm, tiny_llama, processes):
         assert row["version"] != "?" and float(row["tok/s"]) >= 0 and int(row["free cache"]) >= 0, out
 
 
-def test_health_json_is_the_monitor_state(shared_swarm, tiny_llama, processes):
-    proc = processes.start(health_cmd(shared_swarm, tiny_llama, "--json"), "health-json", stdout=subprocess.PIPE)
+def test_health_json_of_a_bare_prefix(shared_swarm, processes):
+    """A DHT prefix without --num_blocks: the block count comes from the records; the JSON is the monitor's."""
+    proc = processes.start(health_cmd(shared_swarm, "tiny-llama", "--json"), "health-json", stdout=subprocess.PIPE)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, proc.log_path.read_text()[-3000:]
     doc = json.loads(out)
     (model,) = doc["models"]
-    assert model["dht_prefix"] == "tiny-llama" and model["num_blocks"] == 8 and model["fully_covered"] is True
+    assert model["dht_prefix"] == "tiny-llama" and model["num_blocks"] == 8 and model["num_blocks_inferred"]
+    assert model["fully_covered"] is True
     servers = {s["name"]: s for s in model["servers"]}
     assert {n: f"[{s['info']['start']}:{s['info']['end']})" for n, s in servers.items()} == SERVERS
     assert all(s["info"]["state"] == "online" for s in servers.values())

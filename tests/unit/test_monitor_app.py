@@ -1,4 +1,4 @@
-"""The monitor's collector (on a fake DHT reader) and its web app (in-process client, no sockets)."""
+"""The monitor's collector (on a fake DHT reader), its web app (in-process client, no sockets), model arguments."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from corolla.cli.health import resolve_model
 from corolla.monitor.app import create_app
-from corolla.monitor.collector import StateCollector
+from corolla.monitor.collector import PROBE_BLOCKS, StateCollector, read_models
 from corolla.wire.records import ServerInfo, ServerState
 
 PEER_A = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAaaaa1111"
@@ -120,3 +121,48 @@ def test_app_serves_page_assets_and_state():
     assert doc["models"][0]["dht_prefix"] == "m" and doc["models"][0]["fully_covered"] is True
     assert [s["name"] for s in doc["models"][0]["servers"]] == ["a", "b"]
     assert client.get("/docs").status_code == 404  # FastAPI's docs load assets from a CDN: off
+
+
+def test_block_count_inferred_from_the_records_when_not_given():
+    reader = FakeReader(two_servers())
+    (given, inferred) = read_models(reader, [("m", 10), ("m", None)])
+    assert given.num_blocks == 10 and given.gaps == [8, 9] and not given.num_blocks_inferred
+    assert inferred.num_blocks == 8 and inferred.gaps == [] and inferred.num_blocks_inferred
+    assert reader.reads == [("m", 10), ("m", PROBE_BLOCKS)]  # the probe covered every announced block
+    assert inferred.to_json()["num_blocks_inferred"] is True
+
+    big = FakeReader({PEER_A: ServerInfo(ServerState.ONLINE, 150, 200, public_name="late")})
+    state = read_models(big, [("big", None)])[0]
+    assert big.reads == [("big", PROBE_BLOCKS)]  # nothing in the first blocks: cannot know of later ones
+    assert state.num_blocks == 0 and state.servers == ()
+
+    far = FakeReader(
+        {PEER_A: ServerInfo(ServerState.ONLINE, 0, 200), PEER_B: ServerInfo(ServerState.ONLINE, 5, 9)}
+    )
+    state = read_models(far, [("far", None)])[0]
+    assert far.reads == [("far", PROBE_BLOCKS), ("far", 200)] and state.num_blocks == 200
+    assert state.gaps == [] and state.coverage[5:9] == [2] * 4
+
+    empty = read_models(FakeReader({}), [("none", None)])[0]
+    assert empty.num_blocks == 0 and empty.gaps == [] and empty.to_json()["fully_covered"] is False
+
+
+def test_model_arguments():
+    assert resolve_model("tiny-llama", None) == ("tiny-llama", None)  # a bare prefix: count from the records
+    assert resolve_model("tiny-llama", 8) == ("tiny-llama", 8)
+    assert resolve_model("org/Some.Model-8B", 32) == ("Some-Model-8B", 32)  # a Hub id: its prefix, as servers
+    with pytest.raises(SystemExit, match="does not exist"):
+        resolve_model("/nonexistent/checkpoint", 8)
+
+
+def test_model_argument_checkpoint_folder(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=3, hidden_size=16, intermediate_size=32, num_attention_heads=2).save_pretrained(
+        tmp_path / "my.model"
+    )
+    assert resolve_model(str(tmp_path / "my.model"), None) == ("my-model", 3)
+    assert resolve_model(str(tmp_path / "my.model"), 5) == ("my-model", 5)
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(SystemExit, match="cannot read the config of checkpoint"):
+        resolve_model(str(tmp_path / "broken"), None)

@@ -128,7 +128,8 @@ function modelSection(model) {
   });
   const title = el("h2", {}, model.dht_prefix);
   title.append(el("span", { class: "summary" },
-    `${model.num_blocks} blocks · ${model.num_servers} servers (${model.num_online} online) · ` +
+    `${model.num_blocks} blocks${model.num_blocks_inferred ? " (count inferred from the records)" : ""} · ` +
+    `${model.num_servers} servers (${model.num_online} online) · ` +
     `bottleneck ${fixed(model.bottleneck_throughput, 1)} tok/s`));
   section.append(title);
 
