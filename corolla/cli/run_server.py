@@ -36,6 +36,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     flag(parser, "device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
     flag(parser, "torch_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
          help="dtype of the blocks and cache; auto = the checkpoint's dtype")  # fmt: skip
+    flag(parser, "quant_type", default="none", choices=["none", "int8", "nf4"],
+         help="weight-only quantization of the hosted blocks' linear layers: int8 (per-channel, ~1/2 of bf16) "
+              "or nf4 (4-bit NormalFloat, blocks of 64); bitsandbytes on CUDA (default: %(default)s)")  # fmt: skip
     flag(parser, "revision", default=None, help="Hub revision (branch, tag or commit)")
     flag(parser, "token", default=None, help="Hugging Face token for gated models (default: the saved login)")
     flag(parser, "attn_cache_tokens", type=int, default=16384,
@@ -85,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dht_prefix=args.dht_prefix,
         device=args.device,
         torch_dtype=args.torch_dtype,
+        quant_type=args.quant_type,
         revision=args.revision,
         token=args.token,
         public_name=args.public_name,

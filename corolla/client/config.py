@@ -37,6 +37,8 @@ class ClientConfig:
     #: Use only these servers (peer ids), if set; never use those in blocked_servers.
     allowed_servers: frozenset[str] | None = None
     blocked_servers: frozenset[str] = frozenset()
+    #: Refuse servers that announce quantized weights (``--quant_type int8/nf4``): full-precision blocks only.
+    require_full_precision: bool = False
     #: Where the client's libp2p daemon listens (a client needs no public address).
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     #: Served LoRA adapter for every request and session unless one names another (Petals' name); None = base.

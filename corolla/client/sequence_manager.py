@@ -131,6 +131,8 @@ class RemoteSequenceManager:
             return "it is in blocked_servers"
         if span.info.wire_version != WIRE_VERSION:
             return f"it speaks wire version {span.info.wire_version}, this client speaks {WIRE_VERSION}"
+        if self.config.require_full_precision and span.info.quantization != "none":
+            return f"it hosts {span.info.quantization}-quantized weights and require_full_precision is set"
         if span.info.config_hash != self.model.config_hash:
             return (
                 f"its model config hash {span.info.config_hash[:12]} differs from this client's "

@@ -39,6 +39,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 QUANT_TYPES = ("none", "int8", "nf4")
+#: approximate resident bytes per weight of a quantized matrix (scales included), for memory planning
+QUANT_BYTES_PER_WEIGHT = {"int8": 1.02, "nf4": 0.5625}
 NF4_BLOCK = 64
 #: module names (last path component) never quantized
 KEEP_FULL_PRECISION = ("router",)

@@ -28,6 +28,8 @@ class ServerConfig:
     dht_prefix: str | None = None
     device: str = "cpu"
     torch_dtype: str = "auto"
+    #: Weight-only quantization of the hosted blocks' linear layers: "none", "int8" or "nf4".
+    quant_type: str = "none"
     revision: str | None = None
     token: str | None = None
     public_name: str = ""
@@ -74,6 +76,8 @@ class ServerConfig:
             raise ValueError("balance_period and balance_confirm must be >= 0")
         if self.max_client_adapter_bytes < 0 or self.client_adapter_ttl <= 0:
             raise ValueError("max_client_adapter_bytes must be >= 0 and client_adapter_ttl > 0")
+        if self.quant_type not in ("none", "int8", "nf4"):
+            raise ValueError(f"quant_type must be none, int8 or nf4, got {self.quant_type!r}")
         if self.cache.attn_cache_tokens < 0:
             raise ValueError(f"attn_cache_tokens must be >= 0, got {self.cache.attn_cache_tokens}")
 

@@ -29,6 +29,7 @@ import torch
 from corolla import __version__
 from corolla.models.checkpoint import Checkpoint, config_hash, default_dht_prefix
 from corolla.models.lora import attach_lora
+from corolla.models.quant import QUANT_BYTES_PER_WEIGHT, quantize_stack
 from corolla.models.registry import get_family
 from corolla.models.stack import BlockStack
 from corolla.server.adapters import AdapterStore, load_served_adapter, parse_adapter_spec
@@ -182,7 +183,7 @@ class Server:
         element = torch.empty((), dtype=self.dtype).element_size()
         weights = sum(math.prod(shape) for parts in family.weight_map(spec).values() for _, shape in parts)
         cache = cfg.cache.attn_cache_tokens * 2 * spec.num_kv_heads * spec.head_dim
-        per_block = (weights + cache) * element
+        per_block = weights * QUANT_BYTES_PER_WEIGHT.get(cfg.quant_type, element) + cache * element
         if torch.device(cfg.device).type == "cuda":
             free = torch.cuda.mem_get_info(torch.device(cfg.device))[0]
         else:
@@ -203,13 +204,15 @@ class Server:
         logger.info(
             "Loading blocks [%d, %d) of %s in %s on %s", start, end, cfg.model, dtype_name(dtype), cfg.device
         )
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            None,
-            lambda: BlockStack.load(
+
+        def load() -> BlockStack:
+            stack = BlockStack.load(
                 cfg.model, start, end, dtype=dtype, device=cfg.device, revision=cfg.revision, token=cfg.token
-            ),
-        )
+            )
+            quantize_stack(stack, cfg.quant_type)  # "none": unchanged
+            return stack
+
+        return await asyncio.get_running_loop().run_in_executor(None, load)
 
     async def _measure_latency(self, backend: BlockBackend) -> float:
         """Seconds per token per block of a one-token inference step.
@@ -262,7 +265,7 @@ class Server:
             throughput=announced_throughput(compute, self.network_throughput),
             inference_latency=latency or 1.0 / compute.inference,
             free_cache_tokens=cfg.cache.attn_cache_tokens, inference_max_length=cfg.inference_max_length,
-            max_batch_size=cfg.max_batch_size, torch_dtype=dtype_name(self.dtype),
+            max_batch_size=cfg.max_batch_size, torch_dtype=dtype_name(self.dtype), quantization=cfg.quant_type,
             software_version=__version__, config_hash=self.model_ref.config_hash,
             next_rtts=self.next_rtts, forward_throughput=compute.forward,
             network_throughput=self.network_throughput or 0.0, adapters=self.adapter_names,
