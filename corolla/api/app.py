@@ -21,7 +21,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corolla.api.chat_page import chat_page
@@ -70,6 +70,10 @@ def create_app(engine: Engine, model_names: tuple[str, ...], api_key: str | None
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         return HTMLResponse(chat_page(model_id, api_key_required=api_key is not None))
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(status_code=204)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:

@@ -77,9 +77,9 @@ function routeText(route) {
   return (route || []).map((h) => "[" + h.start + ":" + h.end + ") " + h.name).join(" \\u2192 ");
 }
 
-async function send(text) {
-  conversation.push({role: "user", content: text});
-  bubble("user", text);
+async function send(question) {
+  conversation.push({role: "user", content: question});
+  bubble("user", question);
   const answer = bubble("assistant", "");
   const content = answer.querySelector(".content");
   const meta = document.createElement("div");
@@ -127,6 +127,7 @@ async function send(text) {
             tokens += 1;
             text += piece;
             content.textContent = text;
+            content.dataset.updates = String(tokens);  // how many times the answer grew (tests read it)
           }
         }
         const secs = first === null ? 0 : (performance.now() - first) / 1000;
