@@ -166,3 +166,27 @@ def test_model_argument_checkpoint_folder(tmp_path):
     (tmp_path / "broken").mkdir()
     with pytest.raises(SystemExit, match="cannot read the config of checkpoint"):
         resolve_model(str(tmp_path / "broken"), None)
+
+
+def test_monitor_socket_and_flags():
+    from corolla.cli.monitor import bind, build_parser, url_of
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        url = url_of(sock)
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/") and int(url.split(":")[-1][:-1]) > 0
+        with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1"):
+            bind("127.0.0.1", sock.getsockname()[1])  # taken: a clear error, before joining the DHT
+    finally:
+        sock.close()
+    args = build_parser().parse_args(["--model", "m", "--initial_peers", "/ip4/1.2.3.4/tcp/1/p2p/x"])
+    assert (args.host, args.port, args.refresh, args.model, args.num_blocks) == (
+        "127.0.0.1",
+        8100,
+        2.0,
+        ["m"],
+        None,
+    )
+    help_text = build_parser().format_help()
+    for option in ("--model", "--num_blocks", "--host", "--port", "--refresh", "--initial_peers", "--log_level"):
+        assert option in help_text

@@ -111,7 +111,10 @@ function serverTable(servers) {
   const body = el("tbody");
   for (const s of servers) {
     const tr = el("tr", { "data-server-name": s.name, "data-peer-id": s.peer_id, "data-state": s.info.state });
-    for (const [, value, numeric] of columns) tr.append(el("td", numeric ? { class: "num" } : {}, value(s)));
+    for (const [name, value, numeric] of columns) {
+      const attrs = numeric ? { class: "num" } : name === "state" ? { class: `state-text text-${s.info.state}` } : {};
+      tr.append(el("td", attrs, value(s)));
+    }
     body.append(tr);
   }
   table.append(body);
