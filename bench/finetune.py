@@ -1,0 +1,210 @@
+"""Training through a 3-server loopback swarm vs the same training locally, same checkpoint, same run.
+
+    python -m bench.finetune [--model mid|tiny] [--modes ptune,deep_ptune] [--steps 3] [--batch 4] [--seq 64]
+
+Prints one JSON document on stdout (progress on stderr). For each mode, the same training (the same model
+class, initial trainable parameters, batches and SGD optimizer) runs twice:
+
+- **local**: corolla's client model on an in-process ``LocalChain`` (the same blocks, frozen, no network),
+  with the faster of 1 and 2 torch threads (measured before any server starts);
+- **swarm**: the client model on a swarm of 3 servers splitting the blocks (disjoint spans, 3 hops, each
+  ``--num_threads 1``), the client process with 1 torch thread; the servers recompute each span's forward in
+  backward (they keep nothing between calls), so the swarm does about 4/3 of the local compute.
+
+Each reports steps/s and tokens/s (batch x sequence per step) over ``--steps`` timed steps after one warm-up
+step, the CPU others used meanwhile (the machine is shared), and the largest difference between the two runs'
+trainable parameters at the end (the same training must give the same result). ``ratio`` is swarm over local
+steps/s; the target is >= 1.0.
+
+Modes are entries of :data:`MODES`: a function that builds the client model for a checkpoint on a given chain
+(or swarm peers) and returns it with its trainable parameters. Adding a mode (e.g. client LoRA) is one entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench.common import CpuMonitor, ProcessGroups, Swarm, log, write_llama
+from bench.report import dumps, rounded
+from bench.workload import MODELS, chain_spans
+
+PRE_SEQ_LEN = 8
+LR = 10.0
+TARGET = 1.0
+SERVERS = 3
+
+
+def _ptune_model(mode: str) -> Callable:
+    def build(ckpt: Path, *, chain=None, initial_peers=None):
+        from corolla.client.model import AutoDistributedModelForCausalLM
+
+        options = {"chain": chain} if chain is not None else {"initial_peers": initial_peers}
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            ckpt, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN, **options
+        )
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            for p in model.ptune.parameters():  # non-zero deep prompts too, so that they matter
+                p.normal_(0, 0.02)
+        return model, [p for p in model.parameters() if p.requires_grad]
+
+    return build
+
+
+#: mode -> build(ckpt, chain=..., initial_peers=...) -> (model, trainable parameters)
+MODES: dict[str, Callable] = {"ptune": _ptune_model("ptune"), "deep_ptune": _ptune_model("deep_ptune")}
+
+
+def batches(vocab: int, batch: int, seq: int, count: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, vocab, (batch, seq), generator=g) for _ in range(count)]
+
+
+def train(model, params, data: list[torch.Tensor], monitor: CpuMonitor) -> dict:
+    """One warm-up step, then one timed step per remaining batch; returns timings and final parameters."""
+    # plain SGD: the update is proportional to the gradient, so a wrong gradient shows in the parameters (Adam's
+    # first steps are nearly sign(gradient) and would hide it)
+    optimizer = torch.optim.SGD(params, lr=LR)
+    initial = [p.detach().clone() for p in params]
+    losses, times = [], []
+    monitor.start()
+    for i, ids in enumerate(data):
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if i == 0:
+            monitor.start()  # the warm-up step is not timed
+        else:
+            times.append(time.perf_counter() - t0)
+    tokens = data[0].numel()
+    seconds = sum(times)
+    return {
+        "steps_per_s": len(times) / seconds,
+        "tokens_per_s": tokens * len(times) / seconds,
+        "step_s": [round(t, 3) for t in times],
+        "losses": [round(x, 5) for x in losses],
+        "others_cpu_cores": round(monitor.foreign_cores(), 2),
+        "max_param_change": max((p.detach() - q).abs().max().item() for p, q in zip(params, initial)),
+        "params": [p.detach().clone() for p in params],
+    }
+
+
+def run_local(build, ckpt: Path, data, monitor: CpuMonitor) -> dict:
+    from corolla.client.local_chain import LocalChain
+    from corolla.models.stack import BlockStack
+
+    results = {}
+    stack = BlockStack.load(str(ckpt), 0, MODELS_CONFIG["num_hidden_layers"], dtype=torch.float32, progress=False)
+    stack.requires_grad_(False)  # frozen, as on a server
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        model, params = build(ckpt, chain=LocalChain(stack))
+        results[threads] = train(model, params, data, monitor)
+        log(f"  local, {threads} thread(s): {results[threads]['steps_per_s']:.3f} steps/s")
+    torch.set_num_threads(1)
+    best = max(results, key=lambda t: results[t]["steps_per_s"])
+    return {
+        **results[best],
+        "threads": best,
+        "steps_per_s_by_threads": {t: r["steps_per_s"] for t, r in results.items()},
+    }
+
+
+def run_swarm(build, ckpt: Path, initial_peers, data, monitor: CpuMonitor) -> dict:
+    torch.set_num_threads(1)
+    model, params = build(ckpt, initial_peers=initial_peers)
+    try:
+        return train(model, params, data, monitor)
+    finally:
+        model.shutdown()
+
+
+MODELS_CONFIG: dict = {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="mid")
+    parser.add_argument("--modes", default="ptune", help=f"comma-separated, of: {', '.join(MODES)}")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
+    spec = MODELS[args.model]
+    MODELS_CONFIG.update(spec["config"])
+    monitor = CpuMonitor()
+    with tempfile.TemporaryDirectory(prefix="corolla-bench-ft-", dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        log(f"writing the {args.model} checkpoint")
+        ckpt = write_llama(workdir / args.model, max_shard_size=spec["shard"], **spec["config"])
+        data = batches(spec["config"]["vocab_size"], args.batch, args.seq, args.steps + 1)
+        report = {
+            "model": args.model,
+            "config": spec["config"],
+            "batch": args.batch,
+            "seq": args.seq,
+            "pre_seq_len": PRE_SEQ_LEN,
+            "timed_steps": args.steps,
+            "target_ratio": TARGET,
+            "modes": {},
+        }
+        local = {}
+        for mode in modes:
+            log(f"{mode}: local training")
+            local[mode] = run_local(MODES[mode], ckpt, data, monitor)
+        groups = ProcessGroups(workdir)
+        swarm = Swarm(groups)
+        try:
+            swarm.start_dht()
+            num_blocks = spec["config"]["num_hidden_layers"]
+            procs = [
+                swarm.start_server(f"s{i}", ckpt, f"{a}:{b}", args.model)
+                for i, (a, b) in enumerate(chain_spans(num_blocks, SERVERS))
+            ]
+            log(f"waiting for {SERVERS} servers")
+            swarm.wait_online(procs, args.model, num_blocks)
+            for mode in modes:
+                log(f"{mode}: swarm training")
+                remote = run_swarm(MODES[mode], ckpt, swarm.initial_peers, data, monitor)
+                ours, theirs = remote.pop("params"), local[mode].pop("params")
+                diff = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
+                ratio = remote["steps_per_s"] / local[mode]["steps_per_s"]
+                report["modes"][mode] = {
+                    "local": local[mode],
+                    "swarm": {**remote, "servers": SERVERS, "spans": chain_spans(num_blocks, SERVERS)},
+                    "ratio_swarm_vs_local": round(ratio, 3),
+                    "meets_target": ratio >= TARGET,
+                    "max_param_diff_vs_local": diff,
+                    "same_result": diff < 1e-4 * max(1.0, remote["max_param_change"]),
+                }
+                log(
+                    f"  {mode}: swarm {remote['steps_per_s']:.3f} steps/s, {ratio:.2f}x local; param diff {diff:.2e}"
+                )
+        finally:
+            swarm.close()
+            groups.kill_all()
+    out = rounded(report)
+    for mode, result in report["modes"].items():  # tiny numbers that 3 decimals would zero
+        for key in ("max_param_diff_vs_local",):
+            out["modes"][mode][key] = float(f"{result[key]:.3e}")
+        for side in ("local", "swarm"):
+            out["modes"][mode][side]["max_param_change"] = float(f"{result[side]['max_param_change']:.3e}")
+    print(dumps(out))
+
+
+if __name__ == "__main__":
+    main()
