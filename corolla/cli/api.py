@@ -16,6 +16,11 @@ from corolla.cli.common import flag, setup_logging
 logger = logging.getLogger("corolla.api")
 
 DEFAULT_MISSING_BLOCKS_TIMEOUT = 10.0
+#: A session longer than a server's --inference_max_length (default 8192) is refused by that server, so a chat
+#: request without max_tokens must not ask for the whole context of a 128k-token model.
+DEFAULT_CONTEXT_CAP = 8192
+#: On Ctrl-C / SIGTERM, streams still running get this long before they are cut (their sessions then close).
+GRACEFUL_SHUTDOWN_SECONDS = 3
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -42,7 +47,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
          help="how long a request waits for servers of missing blocks before failing with 503 "
          f"(default {DEFAULT_MISSING_BLOCKS_TIMEOUT:g}; the Python client waits longer)")  # fmt: skip
     flag(parser, "context_length", type=int, default=None, metavar="TOKENS",
-         help="longest prompt + completion (default: the model's max_position_embeddings)")  # fmt: skip
+         help="longest prompt + completion (default: the model's max_position_embeddings, at most "
+         f"{DEFAULT_CONTEXT_CAP}, the servers' default --inference_max_length)")  # fmt: skip
     flag(parser, "max_concurrent_requests", type=int, default=32, metavar="N",
          help="requests generating at once; more wait their turn (default 32)")  # fmt: skip
     flag(parser, "torch_dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
@@ -72,7 +78,10 @@ def run(args: argparse.Namespace) -> None:
         torch_dtype=args.torch_dtype,
         missing_blocks_timeout=args.missing_blocks_timeout,
     )
-    engine = Engine(model, tokenizer, args.context_length, args.max_concurrent_requests)
+    context = args.context_length or min(
+        model.config.max_position_embeddings or DEFAULT_CONTEXT_CAP, DEFAULT_CONTEXT_CAP
+    )
+    engine = Engine(model, tokenizer, context, args.max_concurrent_requests)
     prefix = args.dht_prefix or default_dht_prefix(args.model)
     names = tuple(dict.fromkeys([args.served_model_name or args.model, args.model, prefix]))
     app = create_app(engine, names, args.api_key)
@@ -81,7 +90,8 @@ def run(args: argparse.Namespace) -> None:
         names[0], args.host, args.port, "; API key required" if args.api_key else "",
     )  # fmt: skip
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip
     finally:
         engine.shutdown()
         model.shutdown()
