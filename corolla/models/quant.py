@@ -4,6 +4,7 @@ Public API::
 
     QUANT_TYPES = ("none", "int8", "nf4")
     quantize_stack(stack, quant_type) -> int        # replaces nn.Linear modules in place; returns how many
+    quantize_layers(layers, quant_type) -> int      # the same on some blocks (e.g. a sub-range)
     weight_bytes(module) -> int                      # bytes of every parameter and buffer (resident weights)
 
 On CPU (our own code, plain public torch ops):
@@ -166,16 +167,15 @@ def quantize_linear(linear: nn.Linear, quant_type: str) -> nn.Module:
     return Int8Linear(linear) if quant_type == "int8" else NF4Linear(linear)
 
 
-def quantize_stack(stack: nn.Module, quant_type: str) -> int:
-    """Replace every `nn.Linear` in `stack.layers` (except routers) by its `quant_type` form, one at a
+def quantize_layers(layers, quant_type: str) -> int:
+    """Replace every `nn.Linear` in `layers` (blocks; routers excepted) by its `quant_type` form, one at a
     time so that at most one extra float weight is alive; returns the number replaced."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
     if quant_type == "none":
         return 0
-    before = weight_bytes(stack)
     count = 0
-    for layer in stack.layers:
+    for layer in layers:
         targets = [
             name
             for name, module in layer.named_modules()
@@ -186,9 +186,19 @@ def quantize_stack(stack: nn.Module, quant_type: str) -> int:
             parent = layer.get_submodule(parent_name) if parent_name else layer
             setattr(parent, attr, quantize_linear(getattr(parent, attr), quant_type))
             count += 1
-    logger.info(
-        "Quantized %d linear layers to %s: weights %.1f MiB -> %.1f MiB",
-        count, quant_type, before / 2**20, weight_bytes(stack) / 2**20,
-    )  # fmt: skip
+    return count
+
+
+def quantize_stack(stack: nn.Module, quant_type: str) -> int:
+    """Quantize the linears of every block of a `BlockStack` in place (see `quantize_layers`)."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
+    before = weight_bytes(stack)
+    count = quantize_layers(stack.layers, quant_type)
+    if count:
+        logger.info(
+            "Quantized %d linear layers to %s: weights %.1f MiB -> %.1f MiB",
+            count, quant_type, before / 2**20, weight_bytes(stack) / 2**20,
+        )  # fmt: skip
     stack.quant_type = quant_type
     return count
