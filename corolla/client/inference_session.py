@@ -66,7 +66,9 @@ class InferenceSession:
     def __init__(self, manager: Any, max_length: int, adapter: str | None = None):
         self.manager, self.max_length = manager, max_length
         # the served LoRA adapter of every hop (chosen now, in the caller's thread: see corolla.client.lora)
-        self.adapter = adapter or current_adapter(getattr(getattr(manager, "config", None), "active_adapter", None))
+        default = getattr(getattr(manager, "config", None), "active_adapter", None)
+        self.adapter = adapter or current_adapter(default)
+        self.route_adapter = self.adapter  # only servers announcing it (a client's own adapter: any server)
         self._hops: list[_HopSession] = []
         self._positions: list[torch.Tensor] = []
         self._masks: list[torch.Tensor] = []
@@ -159,7 +161,7 @@ class InferenceSession:
         while True:
             # skip servers that announce too little free cache for this session (relaxed if nobody has room)
             need = (self._batch_size or 1) * self.max_length
-            route = await self.manager.make_route(start, end, min_free_cache=need, adapter=self.adapter)
+            route = await self.manager.make_route(start, end, min_free_cache=need, adapter=self.route_adapter)
             opened: list[_HopSession] = []
             try:
                 x = torch.cat(history, dim=1) if history else None
@@ -184,10 +186,9 @@ class InferenceSession:
         manager = self.manager
         conn = await Connection.open(manager.node.p2p, hop.peer_id, manager.config.max_message_bytes)
         try:
+            adapter = self.adapter or ""
             await conn.send(
-                InferenceOpen(
-                    manager.model, hop.start, hop.end, self.max_length, self._batch_size, adapter=self.adapter or ""
-                )
+                InferenceOpen(manager.model, hop.start, hop.end, self.max_length, self._batch_size, adapter)
             )
             info = manager.spans[hop.peer_id].info if hop.peer_id in manager.spans else None
             latency = info.inference_latency if info and info.inference_latency > 0 else DEFAULT_LATENCY

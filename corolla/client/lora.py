@@ -9,9 +9,47 @@ active_adapter=NAME)``, Petals' name), else none (the base model).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import functools
+import json
+import math
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from corolla.models.lora import (
+    LoraAdapter,
+    fuse_weights,
+    lora_scale,
+    lora_sites,
+    parse_peft_adapter,
+    target_short_names,
+    use_adapter,
+)
+from corolla.models.lora import attach_lora as attach_lora_wrappers
+from corolla.models.registry import get_family
+from corolla.wire.errors import ChainFailedError, UnknownAdapterError
+from corolla.wire.messages import (
+    BackwardRequest,
+    BackwardResponse,
+    ForwardResponse,
+    LoraReleaseRequest,
+    LoraReleaseResponse,
+    LoraTensors,
+    LoraUploadRequest,
+    LoraUploadResponse,
+    TrainForwardRequest,
+)
+
+#: Most tokens (rows x sequence length) in one chunk of a training forward/backward.
+CHUNK_TOKENS = 8192
 
 _ADAPTER: contextvars.ContextVar[str | None] = contextvars.ContextVar("corolla_active_adapter", default=None)
 
@@ -30,3 +68,450 @@ def current_adapter(default: str | None = None) -> str | None:
     """The adapter a request started now should use ("" or None = the base model)."""
     chosen = _ADAPTER.get()
     return (chosen if chosen is not None else default) or None
+
+
+# --- client-owned LoRA ------------------------------------------------------------------------------------
+
+
+class RemoteLora(nn.Module):
+    """LoRA weights for every block of a distributed model, held and trained by the client.
+
+    ``RemoteLora.attach(model, r=8, lora_alpha=16, target_modules=[...])`` (or ``config=`` a
+    ``peft.LoraConfig``) creates them like PEFT does (A Kaiming-uniform, B zero) and makes ``model``
+    run its blocks with them; ``RemoteLora.attach(model, path=ADAPTER)`` starts from a saved PEFT
+    adapter. The model's own parameters are frozen: ``lora.parameters()`` are what an optimizer trains.
+    ``save_pretrained(path)`` writes a PEFT adapter (``adapter_config.json`` + safetensors) that
+    ``peft.PeftModel.from_pretrained`` loads and ``corolla server --adapters`` serves. ``release()``
+    tells servers to drop the uploaded copies (they drop them after their TTL anyway).
+
+    How the weights reach servers: each forward call through the swarm checks whether the weights
+    changed since the last upload (the parameters' version counters: an optimizer step bumps them) and,
+    if so, names a new version. Before a span's first request to a server under a version, the
+    server's blocks get that version's slices (one upload, replacing the previous version); every
+    forward and backward request of the step's chunks then only names it.
+    """
+
+    def __init__(self, model_config, *, r: int, lora_alpha: float, target_modules, use_rslora: bool = False):
+        super().__init__()
+        self.family = get_family(model_config.model_type)
+        self.model_config = model_config
+        self.r, self.alpha, self.use_rslora = int(r), float(lora_alpha), bool(use_rslora)
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules or ())
+        known = target_short_names(self.family, self.family.block_spec(model_config, 0))
+        unknown = sorted(set(targets) - set(known))
+        if not targets or unknown:
+            raise ValueError(f"target_modules must be a non-empty subset of {known}, got {targets}")
+        self.target_modules = tuple(sorted(targets))
+        self.params = nn.ParameterDict()
+        self.keys: list[tuple[int, str]] = []  # (block, HF module path), in a fixed order
+        for block in range(model_config.num_hidden_layers):
+            for name, site in lora_sites(self.family, self.family.block_spec(model_config, block)).items():
+                if site.short_name not in self.target_modules:
+                    continue
+                a = torch.empty(self.r, site.in_features)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init: the delta starts at zero
+                self.params[_param_name(block, name, "A")] = nn.Parameter(a)
+                self.params[_param_name(block, name, "B")] = nn.Parameter(torch.zeros(site.out_features, self.r))
+                self.keys.append((block, name))
+        self.run_id = uuid.uuid4().hex[:12]
+        self._version, self._fingerprint = 0, None
+        self._uploaded: dict[str, tuple[str, set[int]]] = {}  # peer -> (adapter name, blocks it holds)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._manager = None
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.r, self.alpha, self.use_rslora)
+
+    def pair(self, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.params[_param_name(block, name, "A")], self.params[_param_name(block, name, "B")]
+
+    def weights(self, start: int = 0, end: int | None = None) -> dict[int, dict[str, tuple]]:
+        end = self.model_config.num_hidden_layers if end is None else end
+        out: dict[int, dict[str, tuple]] = {}
+        for block, name in self.keys:
+            if start <= block < end:
+                out.setdefault(block, {})[name] = self.pair(block, name)
+        return out
+
+    # --- attaching, saving, loading ---------------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, model, config=None, *, path: str | None = None, **options) -> RemoteLora:
+        """New (or, with ``path``, saved PEFT) LoRA weights for ``model``'s blocks; ``model`` now uses them."""
+        if path is not None:
+            lora = cls.from_pretrained(model.config, path)
+        else:
+            if config is not None:  # a peft.LoraConfig, or anything with its fields
+                options = dict(r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
+                               use_rslora=getattr(config, "use_rslora", False), **options)  # fmt: skip
+            lora = cls(model.config, **options)
+        layers = model.model.layers
+        model.requires_grad_(False)
+        lora.to(dtype=model.dtype)
+        model.lora = lora  # a submodule: its parameters are the model's trainable ones
+        model.model.layers = type(layers)(LoraChain(layers.chain, lora))
+        return lora
+
+    @classmethod
+    def from_pretrained(cls, model_config, path: str | Path) -> RemoteLora:
+        """Weights and settings of a saved PEFT LoRA adapter (a local folder)."""
+        folder = Path(path)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        family = get_family(model_config.model_type)
+        adapter = parse_peft_adapter(config, tensors, family, model_config)
+        targets = {name.rsplit(".", 1)[-1] for pairs in adapter.weights.values() for name in pairs}
+        lora = cls(model_config, r=adapter.r, lora_alpha=adapter.alpha, target_modules=sorted(targets),
+                   use_rslora=adapter.use_rslora)  # fmt: skip
+        with torch.no_grad():
+            for block, name in lora.keys:
+                if name not in adapter.weights.get(block, {}):
+                    raise ValueError(f"{path}: no LoRA weights for {family.prefix(block)}{name}")
+                a, b = lora.pair(block, name)
+                a.copy_(adapter.weights[block][name][0])
+                b.copy_(adapter.weights[block][name][1])
+        return lora
+
+    def to_adapter(self) -> LoraAdapter:
+        weights = {b: {n: (a.detach().float().cpu(), bb.detach().float().cpu()) for n, (a, bb) in pairs.items()}
+                   for b, pairs in self.weights().items()}  # fmt: skip
+        return LoraAdapter(self.r, self.alpha, self.target_modules, self.use_rslora, weights)
+
+    def save_pretrained(self, path: str | Path, base_model: str = "") -> Path:
+        """Write a PEFT adapter folder: adapter_config.json + adapter_model.safetensors (float32)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        adapter = self.to_adapter()
+        base_model = base_model or getattr(self.model_config, "_name_or_path", "") or ""
+        (folder / "adapter_config.json").write_text(json.dumps(adapter.peft_config(base_model), indent=2))
+        save_file(adapter.peft_tensors(self.family), str(folder / "adapter_model.safetensors"))
+        return folder
+
+    # --- versions and uploads ---------------------------------------------------------------------------
+
+    def current_name(self) -> str:
+        """The adapter name of the weights as they are now (a new one after every change)."""
+        fingerprint = tuple(p._version for p in self.params.values())
+        if fingerprint != self._fingerprint:
+            self._fingerprint = fingerprint
+            self._version += 1
+        return f"lora-{self.run_id}.v{self._version}"
+
+    async def ensure_uploaded(self, manager, peer: str, start: int, end: int, name: str) -> None:
+        """Upload version ``name``'s slices for blocks [start, end) to ``peer`` unless it already has them."""
+        lock = self._locks.setdefault(peer, asyncio.Lock())
+        async with lock:
+            held_name, held = self._uploaded.get(peer, ("", set()))
+            blocks = set(range(start, end))
+            if held_name == name and blocks <= held:
+                return
+            replaces = held_name if held_name and held_name != name else ""
+            held = held if held_name == name else set()
+            todo = sorted(blocks - held)
+            for first, last in _upload_groups(self, todo, manager.config.max_message_bytes // 2):
+                items = tuple(
+                    LoraTensors(block, tname, a.detach().cpu(), b.detach().cpu())
+                    for block, pairs in self.weights(first, last).items()
+                    for tname, (a, b) in sorted(pairs.items())
+                )
+                request = LoraUploadRequest(manager.model, name, first, last, self.scale, items, replaces)
+                await _call(manager, peer, request, LoraUploadResponse)
+                replaces = ""
+                held = held | set(range(first, last))
+                self._uploaded[peer] = (name, held)
+
+    def forget(self, peer: str) -> None:
+        """The peer lost our adapter (expired, restarted): upload again next time."""
+        self._uploaded.pop(peer, None)
+
+    def release(self) -> None:
+        """Ask every server holding an upload of ours to drop it now (best effort)."""
+        manager, peers = self._manager, list(self._uploaded)
+        self._uploaded.clear()
+        if manager is None or not peers:
+            return
+
+        async def release_all():
+            request = LoraReleaseRequest(manager.model, "")
+            await asyncio.gather(*(_call(manager, p, request, LoraReleaseResponse) for p in peers),
+                                 return_exceptions=True)  # fmt: skip
+
+        manager.bridge.run(release_all(), timeout=30)
+
+
+def _param_name(block: int, name: str, part: str) -> str:
+    return f"{block}__{name.replace('.', '__')}__{part}"
+
+
+def _upload_groups(lora: RemoteLora, blocks: list[int], max_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive runs of ``blocks`` whose LoRA weights fit ``max_bytes`` per upload (at least one block)."""
+    sizes = {b: sum(a.nbytes + bb.nbytes for a, bb in pairs.values()) for b, pairs in lora.weights().items()}
+    groups: list[tuple[int, int]] = []
+    for block in blocks:
+        if (
+            groups
+            and groups[-1][1] == block
+            and sum(sizes.get(i, 0) for i in range(*groups[-1])) + sizes.get(block, 0) <= max_bytes
+        ):
+            groups[-1] = (groups[-1][0], block + 1)
+        else:
+            groups.append((block, block + 1))
+    return groups
+
+
+class LoraChain:
+    """A :class:`~corolla.client.chain.RemoteChain` whose blocks run with a :class:`RemoteLora`.
+
+    On the swarm, forward/backward go through :class:`LoraBlocksFunction`; on an in-process chain
+    (``LocalChain``: tests, references) the same math runs locally under ordinary autograd.
+    """
+
+    def __init__(self, chain, lora: RemoteLora):
+        self.chain, self.lora = chain, lora
+        self.num_blocks = chain.num_blocks
+        self.swarm = hasattr(chain, "make_route")
+        if self.swarm:
+            lora._manager = chain
+        else:
+            attach_lora_wrappers(chain.stack)
+
+    def __getattr__(self, name: str):  # show_route, shutdown, ... of the wrapped chain
+        return getattr(self.__dict__["chain"], name)
+
+    def forward(self, hidden, positions, attention_mask, start: int = 0, end: int | None = None) -> torch.Tensor:
+        end = self.num_blocks if end is None else end
+        if not self.swarm:
+            base = self.chain.stack.start
+            with use_adapter(self._fused(base + start, base + end)):
+                return self.chain.forward(hidden, positions, attention_mask, start=start, end=end)
+        params = [t for block, name in self.lora.keys if start <= block < end for t in self.lora.pair(block, name)]
+        return LoraBlocksFunction.apply(hidden, self, positions, attention_mask, start, end, *params)
+
+    def _fused(self, start: int, end: int, detach: bool = False):
+        weights = self.lora.weights(start, end)
+        if detach:
+            weights = {b: {n: (a.detach(), bb.detach()) for n, (a, bb) in p.items()} for b, p in weights.items()}
+        return fuse_weights(weights, self.lora.scale, self.lora.family, self.lora.model_config)
+
+    def open_session(self, max_length: int):
+        if self.swarm:
+            return _lora_session_class()(self.chain, max_length, self.lora)
+        return _LocalLoraSession(self.chain.open_session(max_length), self._fused(0, self.num_blocks, detach=True))
+
+
+class _LocalLoraSession:
+    def __init__(self, session, fused):
+        self.session, self.fused, self.max_length = session, fused, session.max_length
+
+    @property
+    def position(self) -> int:
+        return self.session.position
+
+    def step(self, hidden, positions, attention_mask):
+        with use_adapter(self.fused):
+            return self.session.step(hidden, positions, attention_mask)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+@functools.cache
+def _lora_session_class() -> type:
+    """``LoraInferenceSession``, built on first use so that importing this module loads no network code."""
+    from corolla.client.inference_session import InferenceSession
+
+    class LoraInferenceSession(InferenceSession):
+        """An inference session whose servers apply the client's LoRA (uploaded to each hop as it opens)."""
+
+        def __init__(self, manager, max_length: int, lora: RemoteLora):
+            super().__init__(manager, max_length)
+            self.lora = lora
+            self.adapter = lora.current_name()  # sent in InferenceOpen; servers do not announce client adapters
+            self.route_adapter = None
+
+        async def _open_hop(self, hop):
+            await self.lora.ensure_uploaded(self.manager, hop.peer_id, hop.start, hop.end, self.adapter)
+            return await super()._open_hop(hop)
+
+    return LoraInferenceSession
+
+
+class LoraBlocksFunction(torch.autograd.Function):
+    """``apply(hidden, lora_chain, positions, mask, start, end, *lora_params)`` -> hidden after [start, end)."""
+
+    @staticmethod
+    def forward(ctx, hidden, chain, positions, mask, start, end, *params):
+        manager, lora = chain.chain, chain.lora
+        name = lora.current_name()
+        out, chunks = manager.bridge.run(
+            _forward_all(manager, lora, name, hidden.detach(), positions, mask, start, end)
+        )
+        ctx.chain, ctx.chunks, ctx.name, ctx.span = chain, chunks, name, (start, end)
+        ctx.hidden_dtype = hidden.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        manager, lora = ctx.chain.chain, ctx.chain.lora
+        grad_hidden, grads = manager.bridge.run(
+            _backward_all(manager, lora, ctx.name, ctx.chunks, grad_output.contiguous())
+        )
+        ctx.chunks = None  # free the saved span inputs
+        start, end = ctx.span
+        params = []
+        for block, name in lora.keys:
+            if start <= block < end:
+                a, b = lora.pair(block, name)
+                ga, gb = grads[(block, name)]
+                params += [ga.to(a.dtype), gb.to(b.dtype)]
+        return (grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None, *params)
+
+
+# --- the async work, on the client's network loop ----------------------------------------------------------
+
+
+@dataclass
+class _Span:
+    start: int
+    end: int
+    inputs: torch.Tensor
+    peer: str | None
+
+
+@dataclass
+class _Chunk:
+    rows: slice
+    positions: torch.Tensor
+    mask: torch.Tensor
+    spans: list[_Span] = field(default_factory=list)
+
+
+def _row_slices(hidden: torch.Tensor, max_bytes: int) -> list[slice]:
+    """Rows per chunk: a backward request carries inputs and gradients, so a quarter of a message each."""
+    batch, tokens = hidden.shape[:2]
+    row_bytes = max(1, hidden[0].numel() * hidden.element_size())
+    rows = max(1, min(max_bytes // 4 // row_bytes, CHUNK_TOKENS // max(1, tokens)))
+    return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
+
+
+async def _gather(coros) -> list:
+    """Run ``coros`` concurrently; the first error cancels the rest and propagates."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()
+        return [t.result() for t in tasks]
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+
+
+def _note_failure(manager, lora: RemoteLora, peer: str, error: BaseException, failures: int) -> None:
+    """A server that lost our upload (expired, restarted) gets it again; anything else: the manager's policy."""
+    lora.forget(peer)
+    if isinstance(error, UnknownAdapterError):
+        limit = manager.config.max_retries
+        if limit is not None and failures > limit:
+            raise ChainFailedError(f"server {peer} kept losing this client's adapter: {error}") from error
+        return
+    manager.note_failure(peer, error, failures)
+
+
+async def _forward_all(manager, lora, name, hidden, positions, mask, start: int, end: int):
+    chunks = [
+        _Chunk(rows, positions[rows], mask[rows]) for rows in _row_slices(hidden, manager.config.max_message_bytes)
+    ]
+    outputs = await _gather(
+        _forward_span(manager, lora, name, hidden[c.rows], c, start, end, c.spans) for c in chunks
+    )
+    return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]), chunks
+
+
+async def _forward_span(manager, lora, name, x, chunk: _Chunk, start: int, end: int, spans: list[_Span]):
+    """Blocks [start, end) over ``x`` with the client's LoRA, hop by hop, recording each hop's inputs."""
+    block, failures, dtype = start, 0, x.dtype
+    while block < end:
+        hop = (await manager.make_route(block, end, mode="max_throughput"))[0]
+        try:
+            await lora.ensure_uploaded(manager, hop.peer_id, hop.start, hop.end, name)
+            request = TrainForwardRequest(
+                manager.model, hop.start, hop.end, x, chunk.positions, chunk.mask, None, adapter=name
+            )
+            response = await _call(manager, hop.peer_id, request, ForwardResponse)
+        except Exception as e:
+            failures += 1
+            _note_failure(manager, lora, hop.peer_id, e, failures)
+            continue
+        spans.append(_Span(hop.start, hop.end, x, hop.peer_id))
+        x, block = response.hidden.to(dtype), hop.end
+    return x
+
+
+async def _backward_all(manager, lora, name, chunks: list[_Chunk], grad_output):
+    results = await _gather(_backward_chunk(manager, lora, name, c, grad_output[c.rows]) for c in chunks)
+    grad_hidden = torch.cat([g for g, _ in results]) if len(results) > 1 else results[0][0]
+    total: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for _, grads in results:
+        for key, (ga, gb) in grads.items():
+            total[key] = (total[key][0] + ga, total[key][1] + gb) if key in total else (ga, gb)
+    return grad_hidden, total
+
+
+async def _backward_chunk(manager, lora, name, chunk: _Chunk, grad: torch.Tensor):
+    grads: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    todo, failures = list(chunk.spans), 0
+    while todo:
+        span = todo.pop()
+        if span.peer is None or manager.is_banned(span.peer):
+            route = await manager.make_route(span.start, span.end, mode="max_throughput")
+            if len(route) > 1:  # no single usable server covers the span now: recompute its inner inputs
+                inner: list[_Span] = []
+                await _forward_span(manager, lora, name, span.inputs, chunk, span.start, span.end, inner)
+                todo.extend(inner)
+                continue
+            span.peer = route[0].peer_id
+        try:
+            await lora.ensure_uploaded(manager, span.peer, span.start, span.end, name)
+            request = BackwardRequest(
+                manager.model, span.start, span.end, span.inputs, chunk.positions, chunk.mask,
+                grad.to(span.inputs.dtype), None, adapter=name,
+            )  # fmt: skip
+            response = await _call(manager, span.peer, request, BackwardResponse)
+            span_grads = _lora_grads(response, request, lora)
+        except Exception as e:
+            failures += 1
+            _note_failure(manager, lora, span.peer, e, failures)
+            span.peer = None
+            todo.append(span)
+            continue
+        grad = response.grad_hidden.to(grad.dtype)
+        grads.update(span_grads)
+    return grad, grads
+
+
+def _lora_grads(response: BackwardResponse, request: BackwardRequest, lora: RemoteLora) -> dict:
+    """The span's LoRA gradients by (block, module), checked against the client's own weights."""
+    expected = {(b, n) for b, n in lora.keys if request.start <= b < request.end}
+    got = {(item.block, item.target): (item.a, item.b) for item in response.adapter_grads}
+    if response.grad_hidden.shape != request.hidden.shape or set(got) != expected:
+        raise ValueError("the server answered LoRA gradients that do not match the request")
+    for (block, name), (ga, gb) in got.items():
+        a, b = lora.pair(block, name)
+        if ga.shape != a.shape or gb.shape != b.shape:
+            raise ValueError(f"the server answered LoRA gradients of the wrong shape for block {block} {name}")
+    return got
+
+
+async def _call(manager, peer: str, request, expected: type):
+    from corolla.swarm.transport import call  # the network stack loads only with a swarm chain
+
+    return await call(
+        manager.node.p2p, peer, request, expected, manager.config.request_timeout,
+        max_bytes=manager.config.max_message_bytes,
+    )  # fmt: skip

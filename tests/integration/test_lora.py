@@ -16,6 +16,7 @@ from swarm_harness import Swarm
 from transformers import LlamaForCausalLM
 
 from corolla import AutoDistributedModelForCausalLM
+from corolla.client.lora import RemoteLora
 from corolla.swarm.transport import call
 from corolla.wire.errors import AdapterLimitError, BadRequestError, UnknownAdapterError
 from corolla.wire.messages import (
@@ -201,3 +202,126 @@ def test_client_adapter_over_the_bound_is_refused(model, swarm):
     ids = _prompt(5, seed=5)
     with torch.no_grad():
         assert model(ids).logits.shape == (1, 5, 320)
+
+
+# --- client-owned LoRA training ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def peft_init(reference, tmp_path):
+    """A PEFT LoRA on every target with random A and B, saved: the common starting point."""
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(reference), config)
+    peft_model.save_pretrained(tmp_path / "init", safe_serialization=True)
+    return peft_model, tmp_path / "init"
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 320, (4, 8), generator=torch.Generator().manual_seed(100 + step))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    return ids, mask
+
+
+def test_client_lora_trains_like_peft_then_is_served(
+    swarm, tiny_llama, reference, peft_init, tmp_path, monkeypatch
+):
+    import corolla.client.lora as client_lora
+
+    monkeypatch.setattr(client_lora, "CHUNK_TOKENS", 16)  # 2 rows per chunk: the batch of 4 goes as 2 chunks
+    peft_model, init = peft_init
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
+    try:
+        lora = client_lora.RemoteLora.attach(model, path=init)
+        ours_opt = torch.optim.SGD(lora.parameters(), lr=0.1, momentum=0.9)
+        ref_params = [p for p in peft_model.parameters() if p.requires_grad]
+        ref_opt = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9)
+        losses = []
+        for step in range(3):
+            ids, mask = _batch(step)
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[0, 3] = -100  # predicted from a padded position, whose output is meaningless (and differs)
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+            ref_loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+            loss.backward()
+            ref_loss.backward()
+            if step == 0:  # every LoRA A/B gradient of every block, through the swarm
+                ref_grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+                assert len(ref_grads) == len(list(lora.parameters())) == 8 * 7 * 2
+                for block, name in lora.keys:
+                    key = f"base_model.model.model.layers.{block}.{name}"
+                    a, b = lora.pair(block, name)
+                    torch.testing.assert_close(
+                        a.grad, ref_grads[f"{key}.lora_A.default.weight"], atol=1e-6, rtol=1e-4
+                    )
+                    torch.testing.assert_close(
+                        b.grad, ref_grads[f"{key}.lora_B.default.weight"], atol=1e-6, rtol=1e-4
+                    )
+            ours_opt.step(), ref_opt.step(), ours_opt.zero_grad(), ref_opt.zero_grad()
+            losses.append(loss.item())
+        for block, name in lora.keys:  # the same parameters after the same steps
+            key = f"base_model.model.model.layers.{block}.{name}"
+            ref = dict(peft_model.named_parameters())
+            torch.testing.assert_close(
+                lora.pair(block, name)[0], ref[f"{key}.lora_A.default.weight"], atol=1e-5, rtol=0
+            )
+            torch.testing.assert_close(
+                lora.pair(block, name)[1], ref[f"{key}.lora_B.default.weight"], atol=1e-5, rtol=0
+            )
+
+        saved = lora.save_pretrained(tmp_path / "trained")
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(copy.deepcopy(reference), saved).eval()
+        ids, mask = _batch(7)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=0)
+            torch.testing.assert_close(model(ids).logits, loaded(ids).logits, atol=1e-4, rtol=0)
+        name = lora.current_name()
+        lora.release()
+        _assert_dropped(model.chain, swarm, name)
+    finally:
+        model.shutdown()
+
+    # the trained adapter, served by a new server with --adapters, generates like the merged PEFT model
+    server = swarm.start_server("trained", tiny_llama, "--block_indices", "0:8", "--adapters", f"trained={saved}")
+    try:
+        merged = copy.deepcopy(loaded).merge_and_unload()
+        client = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
+        try:
+            prompt = _prompt(6, seed=8)
+            kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+            assert torch.equal(
+                client.generate(prompt, active_adapter="trained", **kwargs), merged.generate(prompt, **kwargs)
+            )
+        finally:
+            client.shutdown()
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _assert_dropped(manager, swarm, name: str) -> None:
+    """After release, no server knows the client's adapter any more."""
+    hidden = torch.randn(1, 2, 64)
+    positions, mask = torch.arange(2)[None], torch.ones(1, 2, dtype=torch.bool)
+    for proc in (swarm.servers["with"], swarm.servers["without"]):
+        request = ForwardRequest(manager.model, 0, 8, hidden, positions, mask, adapter=name)
+        with pytest.raises(UnknownAdapterError):
+            manager.bridge.run(call(manager.node.p2p, proc.peer_id, request, ForwardResponse, 30))
+
+
+def test_client_lora_generation_through_the_swarm(swarm, tiny_llama, peft_init):
+    peft_model, init = peft_init
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
+    try:
+        lora = RemoteLora.attach(model, path=init)
+        prompt = _prompt(6, seed=9)
+        kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+        assert torch.equal(model.generate(prompt, **kwargs), merged.generate(prompt, **kwargs))
+        lora.release()
+    finally:
+        model.shutdown()
