@@ -3,7 +3,7 @@
 Every comparison is in fp32 with a local computation on the same checkpoint: the same corolla blocks
 run in-process (``run_blocks``) and transformers' LlamaForCausalLM (``inputs_embeds``, deep prompts added
 by hooks). Tests that do not kill servers share the session swarm (s0 [0:4), s1 [3:8), s2 [2:6)); the
-failure test starts its own swarm with replicas ([0:8), [0:4), [4:8)).
+failure test starts its own swarm with replicas ([0:8) twice, [0:4), [4:8)).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import signal
 import pytest
 import torch
 from ptune_reference import reference_greedy
-from swarm_harness import Swarm, make_manager
+from swarm_harness import Swarm
 from transformers import LlamaForCausalLM
 
 from corolla.client import remote_autograd
@@ -175,31 +175,85 @@ def test_bad_gradients_are_refused_and_the_server_keeps_serving(manager, shared_
     assert torch.equal(backward(torch.ones(3, 6, 64), deep[:4]).grad_hidden, again.grad_hidden)
 
 
-def test_server_killed_between_forward_and_backward(processes, tiny_llama, tmp_path, local_stack):
+class _KillRouteAfter:
+    """A generate streamer that SIGKILLs every server of the session's chain after ``n`` new tokens."""
+
+    def __init__(self, session, by_peer: dict, n: int):
+        self.session, self.by_peer, self.n, self.puts, self.victims = session, by_peer, n, 0, []
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == self.n + 1:  # the first put is the prompt
+            self.victims = [self.by_peer[hop.peer_id] for hop in self.session.chain_session.inner.route]
+            for proc in self.victims:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+
+    def end(self) -> None:
+        pass
+
+
+def _covering_victims(used: set[str], alive: dict[str, tuple[int, int]]) -> list[str]:
+    """Servers among ``used`` to kill such that the rest of ``alive`` still covers blocks [0, 8)."""
+    victims = []
+    for peer in sorted(used):
+        rest = [span for p, span in alive.items() if p != peer and p not in victims]
+        if all(any(a <= b < e for a, e in rest) for b in range(8)):
+            victims.append(peer)
+    return victims
+
+
+def test_servers_killed_mid_generation_and_between_forward_and_backward(
+    processes, tiny_llama, tmp_path, local_stack, reference
+):
+    """Replicas: deep-prompted generation survives its chain's death (the replay carries the prompts), then
+    a training step whose forward servers die before its backward gives the local gradients."""
     swarm = Swarm(processes, tmp_path)
     swarm.start_dht()
-    for name, blocks in (("full", "0:8"), ("head", "0:4"), ("tail", "4:8")):
-        swarm.start_server(name, tiny_llama, "--block_indices", blocks, wait=False)
+    spans = {"full": (0, 8), "full2": (0, 8), "head": (0, 4), "tail": (4, 8)}
+    for name, (a, b) in spans.items():
+        swarm.start_server(name, tiny_llama, "--block_indices", f"{a}:{b}", wait=False)
     for proc in swarm.servers.values():
         swarm.wait_state(proc, ServerState.ONLINE, "tiny-llama")
-    manager = make_manager(tiny_llama, swarm.initial_peers, ban_timeout=60.0)
+    by_peer = {proc.peer_id: proc for proc in swarm.servers.values()}
+    alive = {swarm.servers[name].peer_id: span for name, span in spans.items()}
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=swarm.initial_peers, tuning_mode="deep_ptune", pre_seq_len=K, update_period=1.0
+    )
+    manager = model.chain
     try:
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(7)
+            for p in model.ptune.parameters():
+                p.normal_(0, 0.3)
+        ids = torch.randint(3, 320, (2, 5), generator=torch.Generator().manual_seed(6))
+        with model.inference_session(max_length=16) as session:
+            streamer = _KillRouteAfter(session, by_peer, n=3)
+            out = model.generate(
+                ids, session=session, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
+                streamer=streamer,
+            )  # fmt: skip
+            assert streamer.victims and session.chain_session.inner.failovers >= 1
+        prompts, deep = model.ptune.prompts()[0].detach(), model.ptune.deep_prompts()[:, 0].detach()
+        assert out.tolist() == reference_greedy(reference, ids, prompts, deep, 6).tolist()
+        for proc in streamer.victims:
+            alive.pop(proc.peer_id)
+
         hidden, deep, positions, mask, weights = _batch(4)
         h, d = hidden.clone().requires_grad_(True), deep.clone().requires_grad_(True)
         out = chain_forward(manager, h, positions, mask, 0, 8, d)
         used = {span.peer for chunk in out.grad_fn.chunks for span in chunk.spans}
-        by_peer = {proc.peer_id: proc for proc in swarm.servers.values()}
-        # kill every server the forward used except what is needed to still cover all blocks
-        victims = [by_peer[p] for p in used if by_peer[p] is not swarm.servers["full"]] or [swarm.servers["full"]]
-        for proc in victims:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        victims = _covering_victims(used, alive)
+        assert victims, f"the forward used {used}, and killing any of them would leave blocks uncovered"
+        for peer in victims:
+            os.killpg(by_peer[peer].pid, signal.SIGKILL)
+            by_peer[peer].wait(30)
         (out * weights).sum().backward()
         theirs = _grads(lambda x, y: run_blocks(local_stack, (0, 8), x, positions, mask, y), hidden, deep, weights)
         torch.testing.assert_close(out.detach(), theirs[0], atol=1e-4, rtol=0)
         torch.testing.assert_close(h.grad, theirs[1], atol=1e-4, rtol=0)
         torch.testing.assert_close(d.grad, theirs[2], atol=1e-4, rtol=0)
-        assert all(manager.is_banned(proc.peer_id) for proc in victims)
+        assert all(manager.is_banned(peer) for peer in victims)
     finally:
-        manager.shutdown()
+        model.shutdown()
         swarm.close()
