@@ -29,19 +29,20 @@ CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase the screen
 DEFAULT_WATCH_SECONDS = 2.0
 FETCH_TIMEOUT = 30.0
 MODELS_HELP = (
-    "The DHT cannot enumerate the models it holds, so name each one with --model: a checkpoint folder or "
-    "Hub id (the DHT prefix and block count are derived from it, as a server derives them), or a bare "
-    "DHT prefix (what servers pass as --dht_prefix). Without a block count (a bare prefix without "
-    "--num_blocks, or a Hub id whose config cannot be read) the count is the largest block end any server "
-    "announces, so blocks after the last served one cannot show as gaps."
+    "Without --model, every model that servers name in the swarm's model directory (a well-known DHT key "
+    "each server refreshes) is shown. --model restricts the view: a checkpoint folder or Hub id (the DHT "
+    "prefix and block count are derived from it, as a server derives them), or a bare DHT prefix (what "
+    "servers pass as --dht_prefix). Without a block count (a bare prefix that no server names in the "
+    "directory and no --num_blocks) the count is the largest block end any server announces."
 )
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """``--model`` and ``--num_blocks``: which models to read (shared by health and monitor)."""
-    flag(parser, "model", nargs="+", action="extend", required=True, metavar="MODEL_OR_DHT_PREFIX",
-         help="a checkpoint folder or Hub id (DHT prefix and block count derived from it, as a server "
-         "does), or a bare DHT prefix (a name without '/'); repeat or list several")  # fmt: skip
+    flag(parser, "model", nargs="+", action="extend", default=None, metavar="MODEL_OR_DHT_PREFIX",
+         help="only these models (default: every model in the swarm's directory): a checkpoint folder or "
+         "Hub id (DHT prefix and block count derived from it, as a server does), or a bare DHT prefix (a "
+         "name without '/'); repeat or list several")  # fmt: skip
     flag(parser, "num_blocks", type=int, default=None, metavar="N",
          help="number of blocks of every --model (overrides a checkpoint's count; without it a bare DHT "
          "prefix's count is inferred from the records)")  # fmt: skip
@@ -97,20 +98,23 @@ def resolve_model(ref: str, num_blocks: int | None, prog: str = "corolla health"
     return default_dht_prefix(ref), config.num_hidden_layers
 
 
-def resolve_models(args: argparse.Namespace, prog: str = "corolla health") -> list[ModelRef]:
+def resolve_models(args: argparse.Namespace, prog: str = "corolla health") -> list[ModelRef] | None:
+    """The models to read; None: every model in the swarm's directory, found at each read."""
     if args.num_blocks is not None and args.num_blocks <= 0:
         raise SystemExit(f"{prog}: --num_blocks must be positive")
+    if not args.model:
+        return None
     return [resolve_model(ref, args.num_blocks, prog) for ref in dict.fromkeys(args.model)]
 
 
-def snapshot(reader: SwarmReader, models: list[ModelRef], as_json: bool = False) -> str:
+def snapshot(reader: SwarmReader, models: list[ModelRef] | None, as_json: bool = False) -> str:
     states = read_models(reader, models)
     if as_json:
         return json.dumps(swarm_json(states, updated_at=time.time()), allow_nan=False) + "\n"
     return format_health(states)
 
 
-def watch(reader: SwarmReader, models: list[ModelRef], period: float, as_json: bool = False) -> None:
+def watch(reader: SwarmReader, models: list[ModelRef] | None, period: float, as_json: bool = False) -> None:
     """Redraw until Ctrl-C: the screen is cleared on a terminal, snapshots are appended otherwise."""
     tty = sys.stdout.isatty() and not as_json
     try:

@@ -90,7 +90,11 @@ def run(args: argparse.Namespace) -> None:
     from corolla.monitor.app import create_app
     from corolla.monitor.collector import StateCollector
 
-    shown = ", ".join(f"{prefix} ({n} blocks)" for prefix, n in models)
+    shown = (
+        ", ".join(f"{prefix} ({n or '?'} blocks)" for prefix, n in models)
+        if models is not None
+        else "every model in the swarm's directory"
+    )
     logger.info("Joining the DHT as a client to read %s, every %g s", shown, args.refresh)
     with SwarmReader(
         network_config(args, client_mode=True), name="corolla-monitor", timeout=FETCH_TIMEOUT

@@ -5,9 +5,9 @@ servers, and test fixtures. One sync object over the client's network thread (:m
 from __future__ import annotations
 
 from corolla.client.bridge import LoopThread
-from corolla.swarm.discovery import fetch_block_infos
+from corolla.swarm.discovery import fetch_block_infos, fetch_models
 from corolla.swarm.node import NetworkConfig, SwarmNode
-from corolla.wire.records import ServerInfo
+from corolla.wire.records import ModelRecord, ServerInfo
 
 
 class SwarmReader:
@@ -23,6 +23,10 @@ class SwarmReader:
     def block_infos(self, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
         """For each block, ``{peer_id: ServerInfo}`` as the DHT has it now."""
         return self.bridge.run(fetch_block_infos(self.node.dht, dht_prefix, num_blocks), timeout=self.timeout)
+
+    def models(self) -> list[ModelRecord]:
+        """The models servers name in the swarm's model directory."""
+        return self.bridge.run(fetch_models(self.node.dht), timeout=self.timeout)
 
     def close(self) -> None:
         try:

@@ -26,8 +26,10 @@ PROBE_BLOCKS = 128  # blocks read at once when the count is not known; more only
 MAX_BLOCKS = 4096  # a bound on what a (possibly bogus) announced end can make us read
 
 
-def read_models(reader: SwarmReader, models: Sequence[ModelRef]) -> list[ModelState]:
-    """One DHT read per model, in the order given."""
+def read_models(reader: SwarmReader, models: Sequence[ModelRef] | None) -> list[ModelState]:
+    """One DHT read per model, in the order given; ``models`` None: every model in the swarm's directory."""
+    if models is None:
+        models = [(record.dht_prefix, record.num_blocks) for record in reader.models()]
     return [read_model(reader, prefix, num_blocks) for prefix, num_blocks in models]
 
 
@@ -45,10 +47,11 @@ def read_model(reader: SwarmReader, dht_prefix: str, num_blocks: int | None) -> 
 class StateCollector:
     """Refreshes the state every ``period`` seconds on a daemon thread; :meth:`latest` is thread-safe."""
 
-    def __init__(self, reader: SwarmReader, models: Sequence[ModelRef], period: float):
+    def __init__(self, reader: SwarmReader, models: Sequence[ModelRef] | None, period: float):
         if period <= 0:
             raise ValueError(f"refresh period must be positive, got {period}")
-        self.reader, self.models, self.period = reader, list(models), period
+        self.reader, self.period = reader, period
+        self.models = list(models) if models is not None else None
         self.started_at = time.time()
         self._lock = threading.Lock()
         self._states: list[ModelState] | None = None

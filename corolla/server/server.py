@@ -46,12 +46,12 @@ from corolla.server.throughput import (
     compute_throughput,
     network_tokens_per_second,
 )
-from corolla.swarm.discovery import announce, fetch_block_infos
+from corolla.swarm.discovery import announce, announce_model, fetch_block_infos
 from corolla.swarm.node import SwarmNode
 from corolla.swarm.spans import RemoteSpanInfo, compute_spans
 from corolla.swarm.transport import PROTOCOL, call
 from corolla.wire.messages import ModelRef, PingRequest, PingResponse, ProbeRequest, ProbeResponse
-from corolla.wire.records import ServerInfo, ServerState
+from corolla.wire.records import ModelRecord, ServerInfo, ServerState
 from corolla.wire.tensors import DTYPES, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -289,6 +289,11 @@ class Server:
             info,
             self.config.record_expiration,
         )
+        if info.state != ServerState.OFFLINE:
+            record = ModelRecord(
+                self.dht_prefix, self.num_model_blocks, self.model_ref.config_hash, self.model_config.model_type
+            )
+            await announce_model(self.node.dht, record, self.config.record_expiration)
 
     async def _measure_network(self) -> None:
         """Bandwidth to up to three other servers of this model (never anything outside the swarm)."""

@@ -15,7 +15,7 @@ from hivemind.utils import get_dht_time
 
 from corolla.wire.codec import pack, unpack
 from corolla.wire.errors import BadRequestError
-from corolla.wire.records import MAX_RECORD_BYTES, ServerInfo
+from corolla.wire.records import MAX_MODELS, MAX_RECORD_BYTES, MODELS_KEY, ModelRecord, ServerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +60,29 @@ async def fetch_block_infos(dht: DHTNode, dht_prefix: str, num_blocks: int) -> l
     return out
 
 
-def _decode(value: object) -> ServerInfo | None:
+async def announce_model(dht: DHTNode, record: ModelRecord, expiration: float) -> bool:
+    """Name ``record``'s model in the swarm's model directory (one subkey per DHT prefix)."""
+    return bool(await dht.store(MODELS_KEY, pack(record), get_dht_time() + expiration, subkey=record.dht_prefix))
+
+
+async def fetch_models(dht: DHTNode) -> list[ModelRecord]:
+    """The models servers have named in the directory, by DHT prefix (malformed entries skipped)."""
+    entry = await dht.get(MODELS_KEY, latest=True)
+    if entry is None or not isinstance(entry.value, dict):
+        return []
+    models = []
+    for prefix, item in list(entry.value.items())[:MAX_MODELS]:
+        record = _decode(item.value, ModelRecord)
+        if record is not None and record.dht_prefix == prefix and 0 < record.num_blocks <= 100_000:
+            models.append(record)
+    return sorted(models, key=lambda r: r.dht_prefix)
+
+
+def _decode(value: object, cls: type = ServerInfo):
     if not isinstance(value, bytes) or len(value) > MAX_RECORD_BYTES:
         return None
     try:
-        return unpack(ServerInfo, value, max_tensor_bytes=0)
+        return unpack(cls, value, max_tensor_bytes=0)
     except BadRequestError as e:
-        logger.debug("Skipping a malformed ServerInfo record: %s", e)
+        logger.debug("Skipping a malformed %s record: %s", cls.__name__, e)
         return None

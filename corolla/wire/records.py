@@ -51,3 +51,20 @@ class ServerInfo:
     next_rtts: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     forward_throughput: float = 0.0
     network_throughput: float = 0.0
+
+
+#: The one well-known DHT key under which every server also names its model (subkey: the DHT prefix), so
+#: that health views can list the swarm's models without being told them.
+MODELS_KEY = "_corolla.models"
+#: At most this many models are read from the directory (a bound on what a DHT peer can make us decode).
+MAX_MODELS = 256
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A model some server of the swarm hosts: where its blocks are announced and how many there are."""
+
+    dht_prefix: str
+    num_blocks: int
+    config_hash: str
+    model_type: str = ""

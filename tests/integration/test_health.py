@@ -79,3 +79,17 @@ def test_health_watch_redraws_until_interrupted(shared_swarm, tiny_llama, proces
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, proc.log_path.read_text()[-3000:]
     assert snapshots == 3 and "Traceback" not in proc.log_path.read_text()
+
+
+def test_health_lists_every_model_of_the_swarm_without_being_told(shared_swarm, processes):
+    """Without --model, the models come from the swarm's model directory that servers refresh."""
+    cmd = ["-m", "corolla.cli.health", "--initial_peers", *shared_swarm.initial_peers,
+           "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--json"]  # fmt: skip
+    proc = processes.start(cmd, "health-directory", stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, proc.log_path.read_text()[-3000:]
+    doc = json.loads(out)
+    (model,) = doc["models"]
+    # the block count comes from the directory, not inferred from the records
+    assert model["dht_prefix"] == "tiny-llama" and model["num_blocks"] == 8 and not model["num_blocks_inferred"]
+    assert {s["name"] for s in model["servers"]} == set(SERVERS)
