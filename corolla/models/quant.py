@@ -87,14 +87,16 @@ def nf4_levels() -> torch.Tensor:
 
 
 _NF4 = nf4_levels()
-_NF4_ON: dict[torch.device, torch.Tensor] = {}
+# byte -> (level of its high 4 bits, level of its low 4 bits): one gather dequantizes two weights
+_NF4_PAIRS = torch.stack((_NF4[torch.arange(256) >> 4], _NF4[torch.arange(256) & 0x0F]), dim=1)
+_ON_DEVICE: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _levels_on(device: torch.device) -> torch.Tensor:
-    """The level table on `device` (one shared copy per device, not a per-module buffer)."""
-    if device not in _NF4_ON:
-        _NF4_ON[device] = _NF4.to(device)
-    return _NF4_ON[device]
+def _on(name: str, device: torch.device) -> torch.Tensor:
+    """A level table on `device` (one shared copy per device, not a per-module buffer)."""
+    if (name, device) not in _ON_DEVICE:
+        _ON_DEVICE[name, device] = (_NF4 if name == "levels" else _NF4_PAIRS).to(device)
+    return _ON_DEVICE[name, device]
 
 
 class NF4Linear(nn.Module):
@@ -109,7 +111,7 @@ class NF4Linear(nn.Module):
         blocks = F.pad(weight, (0, padded - numel)).view(-1, NF4_BLOCK)
         absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)
         normed = (blocks / absmax[:, None]).reshape(-1)
-        levels = _levels_on(weight.device)
+        levels = _on("levels", weight.device)
         # nearest level: bucketize against the midpoints between consecutive levels
         codes = torch.bucketize(normed, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)
         self.register_buffer("packed", (codes[0::2] << 4) | codes[1::2])
@@ -117,8 +119,8 @@ class NF4Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = torch.stack((self.packed >> 4, self.packed & 0x0F), dim=1).reshape(-1).long()
-        values = _levels_on(self.packed.device)[codes].view(-1, NF4_BLOCK) * self.absmax[:, None]
+        pairs = F.embedding(self.packed.int(), _on("pairs", self.packed.device))  # [numel / 2, 2]
+        values = pairs.view(-1, NF4_BLOCK) * self.absmax[:, None]
         numel = self.in_features * self.out_features
         return values.reshape(-1)[:numel].view(self.out_features, self.in_features).to(dtype)
 
