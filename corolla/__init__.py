@@ -35,6 +35,10 @@ _LAZY_EXPORTS = {
     "DistributedLlamaForSequenceClassification": "corolla.client.classification",
     "DistributedMistralForSequenceClassification": "corolla.client.classification",
     "DistributedQwen2ForSequenceClassification": "corolla.client.classification",
+    "DistributedQwen3ForSequenceClassification": "corolla.client.classification",
+    "DistributedMixtralForSequenceClassification": "corolla.client.classification",
+    "DistributedBloomForSequenceClassification": "corolla.client.classification",
+    "DistributedFalconForSequenceClassification": "corolla.client.classification",
 }
 
 __all__ = [

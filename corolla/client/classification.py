@@ -16,7 +16,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, MistralConfig, PreTrainedModel, Qwen2Config
+from transformers import (
+    BloomConfig,
+    FalconConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+)
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from corolla.client.chain import RemoteChain
@@ -29,10 +38,14 @@ from corolla.models.registry import UnsupportedModelError, supported_model_types
 
 __all__ = [
     "AutoDistributedModelForSequenceClassification",
+    "DistributedBloomForSequenceClassification",
+    "DistributedFalconForSequenceClassification",
     "DistributedLlamaForSequenceClassification",
     "DistributedMistralForSequenceClassification",
+    "DistributedMixtralForSequenceClassification",
     "DistributedModelForSequenceClassification",
     "DistributedQwen2ForSequenceClassification",
+    "DistributedQwen3ForSequenceClassification",
 ]
 
 _IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "device_map", "trust_remote_code", "use_safetensors")
@@ -179,6 +192,22 @@ class DistributedQwen2ForSequenceClassification(DistributedModelForSequenceClass
     config_class = Qwen2Config
 
 
+class DistributedQwen3ForSequenceClassification(DistributedModelForSequenceClassification):
+    config_class = Qwen3Config
+
+
+class DistributedMixtralForSequenceClassification(DistributedModelForSequenceClassification):
+    config_class = MixtralConfig
+
+
+class DistributedBloomForSequenceClassification(DistributedModelForSequenceClassification):
+    config_class = BloomConfig
+
+
+class DistributedFalconForSequenceClassification(DistributedModelForSequenceClassification):
+    config_class = FalconConfig
+
+
 CLASSIFIER_CLASSES: dict[str, type[DistributedModelForSequenceClassification]] = {}
 
 
@@ -192,6 +221,10 @@ for _cls in (
     DistributedLlamaForSequenceClassification,
     DistributedMistralForSequenceClassification,
     DistributedQwen2ForSequenceClassification,
+    DistributedQwen3ForSequenceClassification,
+    DistributedMixtralForSequenceClassification,
+    DistributedBloomForSequenceClassification,
+    DistributedFalconForSequenceClassification,
 ):
     if _cls.config_class.model_type in supported_model_types():
         register_classifier_class(_cls)

@@ -96,3 +96,30 @@ def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(Exception, match="gpt2"):
         AutoDistributedModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["mistral-full", "qwen2-sliding", "qwen3-sliding-bias", "mixtral-top2-sliding", "bloom", "falcon-new-gqa"],
+)
+def test_family_classifiers_match_transformers(tmp_path, family):
+    from tiny_models import CONFIGS, make_checkpoint
+    from transformers import AutoModelForSequenceClassification
+
+    make_checkpoint(CONFIGS[family](), tmp_path)
+    stack = BlockStack.load(str(tmp_path), 0, 4, dtype=torch.float32, progress=False)
+    model = AutoDistributedModelForSequenceClassification.from_pretrained(
+        tmp_path, chain=LocalChain(stack), num_labels=LABELS
+    )
+    reference = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=LABELS, dtype=torch.float32
+    )
+    with torch.no_grad():
+        reference.score.weight.copy_(model.score.weight)
+        ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        ids[0, 4:], mask[0, 4:] = 0, 0  # right padding
+        ours = model(ids, attention_mask=mask).logits
+        theirs = reference.eval()(ids, attention_mask=mask).logits
+    assert type(model).__name__.lower().startswith("distributed" + CONFIGS[family]().model_type)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
