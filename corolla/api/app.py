@@ -116,8 +116,9 @@ async def _json(request: Request):
 
 
 async def _respond(request: Request, job: Job, fmt: Formatter):
+    waiter = _Waiter(request, job)
     try:
-        first = await _next_or_disconnect(request, job)
+        first = await waiter.next()
     except BaseException:
         job.cancel()
         raise
@@ -133,7 +134,7 @@ async def _respond(request: Request, job: Job, fmt: Formatter):
     try:
         while not isinstance(event, Done):
             deltas.extend(event.deltas)
-            event = await _next_or_disconnect(request, job)
+            event = await waiter.next()
             if event is None:
                 return JSONResponse(ApiError(499, "client closed the request").body(), status_code=499)
     finally:
@@ -142,16 +143,27 @@ async def _respond(request: Request, job: Job, fmt: Formatter):
     return JSONResponse(fmt.complete(deltas, event))
 
 
-async def _next_or_disconnect(request: Request, job: Job):
-    """The job's next event, or None once the client has disconnected (the job is then cancelled)."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.next(), DISCONNECT_POLL_SECONDS)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                logger.info("Request %s: client disconnected, stopping its generation", job.id)
-                job.cancel()
-                return None
+class _Waiter:
+    """A job's next event, or None once its client has disconnected (the job is then cancelled).
+
+    The disconnect is checked at least every DISCONNECT_POLL_SECONDS, also while events keep coming.
+    """
+
+    def __init__(self, request: Request, job: Job):
+        self.request, self.job, self.check_at = request, job, 0.0
+
+    async def next(self):
+        while True:
+            if time.monotonic() >= self.check_at:
+                self.check_at = time.monotonic() + DISCONNECT_POLL_SECONDS
+                if await self.request.is_disconnected():
+                    logger.info("Request %s: client disconnected, stopping its generation", self.job.id)
+                    self.job.cancel()
+                    return None
+            try:
+                return await asyncio.wait_for(self.job.next(), DISCONNECT_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                continue
 
 
 async def _stream(job: Job, fmt: Formatter, first):

@@ -333,7 +333,25 @@ def test_disconnect_stops_generation_and_frees_server_caches(api, client, swarm)
         time.sleep(0.3)
     assert _free_cache(swarm) == idle, "the servers still hold the disconnected request's cache"
     log = api.log_path.read_text()
-    assert "client disconnected" in log and "stopped (client went away)" in log
+    assert "client disconnected mid-stream" in log and "stopped (client went away)" in log
+
+    # a non-streamed request whose client hangs up while it waits
+    body = json.dumps({"model": PREFIX, "prompt": "Once", "max_tokens": 1800, "temperature": 0,
+                       "logit_bias": {"2": -100}}).encode()  # fmt: skip
+    port = int(api.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+        deadline = time.monotonic() + HANG_GUARD
+        while not any(free < idle.get(peer, 0) for peer, free in _free_cache(swarm).items()):
+            assert time.monotonic() < deadline, "the servers never showed the session's cache"
+            time.sleep(0.2)
+    deadline = time.monotonic() + HANG_GUARD
+    while _free_cache(swarm) != idle and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _free_cache(swarm) == idle, "the servers still hold the cache of a request whose client hung up"
+    assert "client disconnected, stopping its generation" in api.log_path.read_text()
 
 
 # -- the web chat ------------------------------------------------------------------------------------
