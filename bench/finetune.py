@@ -1,6 +1,6 @@
 """Training through a 3-server loopback swarm vs the same training locally, same checkpoint, same run.
 
-    python -m bench.finetune [--model mid|tiny] [--modes ptune,deep_ptune] [--steps 3] [--batch 4] [--seq 64]
+    python -m bench.finetune [--model mid|tiny] [--modes ptune,deep_ptune,lora] [--steps 3] [--batch 4] [--seq 64]
 
 Prints one JSON document on stdout (progress on stderr). For each mode, the same training (the same model
 class, initial trainable parameters, batches and SGD optimizer) runs twice:
@@ -57,8 +57,35 @@ def _ptune_model(mode: str) -> Callable:
     return build
 
 
-#: mode -> build(ckpt, chain=..., initial_peers=...) -> (model, trainable parameters)
-MODES: dict[str, Callable] = {"ptune": _ptune_model("ptune"), "deep_ptune": _ptune_model("deep_ptune")}
+LORA_RANK = 8
+LORA_LR = 0.5
+
+
+def _lora_model(ckpt: Path, *, chain=None, initial_peers=None):
+    """Client-owned LoRA (rank 8, every target) over frozen blocks; B starts non-zero so A's gradients matter."""
+    from corolla.client.lora import RemoteLora
+    from corolla.client.model import AutoDistributedModelForCausalLM
+
+    options = {"chain": chain} if chain is not None else {"initial_peers": initial_peers}
+    model = AutoDistributedModelForCausalLM.from_pretrained(ckpt, **options)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)  # the same initial LoRA for the local and the swarm run
+        lora = RemoteLora.attach(model, r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=targets)
+        for name, p in lora.params.items():
+            if name.endswith("__B"):
+                p.normal_(0, 0.02)
+    model.bench_lr = LORA_LR
+    return model, list(lora.parameters())
+
+
+#: mode -> build(ckpt, chain=..., initial_peers=...) -> (model, trainable parameters); a model may carry its
+#: own SGD learning rate as ``bench_lr``
+MODES: dict[str, Callable] = {
+    "ptune": _ptune_model("ptune"),
+    "deep_ptune": _ptune_model("deep_ptune"),
+    "lora": _lora_model,
+}
 
 
 def batches(vocab: int, batch: int, seq: int, count: int) -> list[torch.Tensor]:
@@ -70,7 +97,7 @@ def train(model, params, data: list[torch.Tensor], monitor: CpuMonitor) -> dict:
     """One warm-up step, then one timed step per remaining batch; returns timings and final parameters."""
     # plain SGD: the update is proportional to the gradient, so a wrong gradient shows in the parameters (Adam's
     # first steps are nearly sign(gradient) and would hide it)
-    optimizer = torch.optim.SGD(params, lr=LR)
+    optimizer = torch.optim.SGD(params, lr=getattr(model, "bench_lr", LR))
     initial = [p.detach().clone() for p in params]
     losses, times = [], []
     monitor.start()
@@ -134,7 +161,7 @@ MODELS_CONFIG: dict = {}
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="mid")
-    parser.add_argument("--modes", default="ptune", help=f"comma-separated, of: {', '.join(MODES)}")
+    parser.add_argument("--modes", default="ptune,lora", help=f"comma-separated, of: {', '.join(MODES)}")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
