@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 # Errors a user can catch; light to import (no torch).
 from corolla.wire.errors import (  # noqa: E402
+    AdapterLimitError,
     BadRequestError,
     CacheFullError,
     ChainFailedError,
@@ -17,6 +18,7 @@ from corolla.wire.errors import (  # noqa: E402
     ServerBusyError,
     ServerRefusedError,
     SessionLengthError,
+    UnknownAdapterError,
 )
 
 _LAZY_EXPORTS = {
@@ -30,6 +32,7 @@ _LAZY_EXPORTS = {
     "DistributedBloomForCausalLM": "corolla.client.model",
     "DistributedFalconForCausalLM": "corolla.client.model",
     "RemoteSequential": "corolla.client.remote_sequential",
+    "RemoteLora": "corolla.client.lora",
     "AutoDistributedModelForSequenceClassification": "corolla.client.classification",
     "DistributedModelForSequenceClassification": "corolla.client.classification",
     "DistributedLlamaForSequenceClassification": "corolla.client.classification",
@@ -43,6 +46,7 @@ _LAZY_EXPORTS = {
 
 __all__ = [
     "__version__",
+    "AdapterLimitError",
     "BadRequestError",
     "CacheFullError",
     "ChainFailedError",
@@ -52,6 +56,7 @@ __all__ = [
     "ServerBusyError",
     "ServerRefusedError",
     "SessionLengthError",
+    "UnknownAdapterError",
     *_LAZY_EXPORTS,
 ]
 
