@@ -70,14 +70,20 @@ def run(args: argparse.Namespace) -> None:
     from corolla.models.checkpoint import default_dht_prefix
 
     logger.info("Loading the tokenizer and client head of %s and joining the swarm", args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model,
-        initial_peers=args.initial_peers,
-        dht_prefix=args.dht_prefix,
-        torch_dtype=args.torch_dtype,
-        missing_blocks_timeout=args.missing_blocks_timeout,
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"corolla api: cannot load the tokenizer of {args.model!r}: {e}") from e
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            args.model,
+            initial_peers=args.initial_peers,
+            dht_prefix=args.dht_prefix,
+            torch_dtype=args.torch_dtype,
+            missing_blocks_timeout=args.missing_blocks_timeout,
+        )
+    except Exception as e:  # a bad checkpoint, an unreachable swarm: say which, without a traceback
+        raise SystemExit(f"corolla api: cannot load {args.model!r} or join the swarm: {e}") from e
     context = args.context_length or min(
         model.config.max_position_embeddings or DEFAULT_CONTEXT_CAP, DEFAULT_CONTEXT_CAP
     )
