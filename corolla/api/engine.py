@@ -115,13 +115,8 @@ class RequestTracker(StoppingCriteria):
     """Follows every row of one generate call; emits a `Step` per token; stops rows (see module doc)."""
 
     def __init__(self, job: Job, tokenizer, eos_ids: set[int], recorder: LogprobRecorder | None, session):
-        self.job, self.tokenizer, self.eos_ids, self.recorder, self.session = (
-            job,
-            tokenizer,
-            eos_ids,
-            recorder,
-            session,
-        )
+        self.job, self.tokenizer, self.eos_ids = job, tokenizer, eos_ids
+        self.recorder, self.session = recorder, session
         self.choices = [ChoiceState(i, tokenizer, job.params.stop) for i in range(job.params.n)]
         self.first_token_at: float | None = None
 
@@ -245,6 +240,8 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, param: str = "messages") -> Job:
         """Check the request against the context and start generating (the first event is awaited by the caller)."""
+        if not prompt_ids:
+            raise invalid(f"the {param} encode to no tokens; there is nothing to continue", param)
         max_tokens = self._max_tokens(len(prompt_ids), params.max_tokens, param)
         if any(t >= self.vocab_size for t in params.logit_bias):
             raise invalid(f"'logit_bias' has a token id over the vocabulary size {self.vocab_size}", "logit_bias")
