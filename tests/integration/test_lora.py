@@ -325,3 +325,43 @@ def test_client_lora_generation_through_the_swarm(swarm, tiny_llama, peft_init):
         lora.release()
     finally:
         model.shutdown()
+
+
+def test_server_killed_mid_step_is_replaced_and_gradients_unchanged(swarm, tiny_llama, peft_init, monkeypatch):
+    """Runs last: it kills the server that computed the forward, before the backward."""
+    import os
+    import signal
+
+    import corolla.client.lora as client_lora
+
+    used: list[str] = []
+    real_call = client_lora._call
+
+    async def recording_call(manager, peer, request, expected):
+        if isinstance(request, client_lora.TrainForwardRequest):
+            used.append(peer)
+        return await real_call(manager, peer, request, expected)
+
+    monkeypatch.setattr(client_lora, "_call", recording_call)
+    peft_model, init = peft_init
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
+    try:
+        lora = RemoteLora.attach(model, path=init)
+        ids, mask = _batch(3)
+        loss = model(ids, labels=ids).loss
+        assert len(set(used)) == 1  # one server hosts every block: one hop
+        victim = next(p for p in swarm.servers.values() if p.peer_id == used[0])
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(30)
+        loss.backward()  # the span is retried on the other server, which gets the LoRA uploaded first
+        ref_loss = peft_model(input_ids=ids, labels=ids).loss
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+        ref_grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+        for block, name in lora.keys:
+            key = f"base_model.model.model.layers.{block}.{name}"
+            a, b = lora.pair(block, name)
+            torch.testing.assert_close(a.grad, ref_grads[f"{key}.lora_A.default.weight"], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(b.grad, ref_grads[f"{key}.lora_B.default.weight"], atol=1e-6, rtol=1e-4)
+    finally:
+        model.shutdown()
