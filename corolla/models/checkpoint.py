@@ -122,6 +122,7 @@ class Checkpoint:
         self.cache_dir = cache_dir
         self.local_files_only = local_files_only
         self.is_local = Path(self.model_ref).expanduser().is_dir()
+        self._stored: dict[str, str] = {}  # our name -> name in the files, where they differ (see use_prefix)
         if not self.is_local and _looks_like_path(self.model_ref):
             raise CheckpointError(f"checkpoint folder {self.model_ref!r} does not exist")
 
@@ -179,6 +180,16 @@ class Checkpoint:
         with safe_open(single, framework="pt") as reader:
             return dict.fromkeys(reader.keys(), SINGLE_FILE)
 
+    def use_prefix(self, prefix: str) -> None:
+        """Read a checkpoint saved from the bare base model (BLOOM's Hub checkpoints: `h.0...`,
+        `word_embeddings...`) under the causal-LM names (`transformer.h.0...`): when no tensor name starts
+        with `prefix`, every name except `lm_head.*` is seen with `prefix` prepended."""
+        names = self.weight_map
+        if not prefix or any(name.startswith(prefix) for name in names):
+            return
+        self._stored = {(name if name.startswith("lm_head.") else prefix + name): name for name in names}
+        self.weight_map = {ours: names[stored] for ours, stored in self._stored.items()}
+
     def load_tensors(
         self, names: list[str], *, dtype: torch.dtype, device="cpu", progress: bool = True
     ) -> dict[str, torch.Tensor]:
@@ -201,7 +212,7 @@ class Checkpoint:
             for shard, shard_names in by_shard.items():
                 with safe_open(self.file(shard), framework="pt") as reader:
                     for name in shard_names:
-                        tensor = reader.get_tensor(name)
+                        tensor = reader.get_tensor(self._stored.get(name, name))
                         cast = dtype if tensor.is_floating_point() else tensor.dtype
                         # copy=True: never keep a view of safetensors' mmap, which would keep the shard's
                         # pages resident (and counted) next to our own copies of fused weights

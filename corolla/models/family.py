@@ -59,6 +59,9 @@ class ModelFamily:
     weight_map: Callable[[BlockSpec], WeightMap]
     check_config: Callable[[object], None] = lambda config: None
     block_prefix: str = "model.layers.{index}."
+    # the causal-LM class's prefix of the base model's tensors; checkpoints saved from the bare base model
+    # lack it (see `Checkpoint.use_prefix`)
+    base_prefix: str = "model."
     embed_name: str = "model.embed_tokens.weight"
     norm_name: str = "model.norm.weight"
     lm_head_name: str = "lm_head.weight"

@@ -40,6 +40,7 @@ def open_checkpoint(model_ref: str, *, revision=None, token=None, cache_dir=None
     """(checkpoint, family, config) of a folder or Hub repo, the config checked against its family."""
     checkpoint = Checkpoint(model_ref, revision=revision, token=token, cache_dir=cache_dir)
     family = get_family(checkpoint.raw_config.get("model_type"))
+    checkpoint.use_prefix(family.base_prefix)
     config = checkpoint.config
     family.check_config(config)
     return checkpoint, family, config

@@ -1,4 +1,4 @@
-"""The families added after Llama: client classes, half precision and refused config options.
+"""The families added after Llama: client classes, bf16/fp16 on CPU and refused config options.
 
 Parity of blocks, whole models, incremental decoding and left-padded batches for every family is in
 `test_parity.py` (its `checkpoint` fixture covers every config of `conftest.CONFIGS`); here the HF-compatible
@@ -60,18 +60,19 @@ def test_client_class_generates_like_transformers(family_checkpoint):
 
 
 @torch.no_grad()
-def test_bfloat16_matches_transformers(family_checkpoint):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_transformers(family_checkpoint, dtype):
     _, path, reference = family_checkpoint
-    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     layers = reference.config.num_hidden_layers
-    stack = BlockStack.load(path, 0, layers, dtype=torch.bfloat16, progress=False)
-    head = ClientHead.load(path, dtype=torch.bfloat16, progress=False)
+    stack = BlockStack.load(path, 0, layers, dtype=dtype, progress=False)
+    head = ClientHead.load(path, dtype=dtype, progress=False)
     ids = torch.randint(1, reference.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
     positions, mask = torch.arange(10).expand(2, 10), torch.ones(2, 10, dtype=torch.bool)
     logits = head.logits(stack(head.embed(ids), positions, mask))
-    assert logits.dtype == torch.bfloat16
+    assert logits.dtype == dtype
     expected = theirs(ids).logits.float()
-    # bf16 keeps ~3 significant digits; kernels (SDPA vs transformers' eager matmuls) round differently
+    # half precision keeps ~3 significant digits; kernels (SDPA vs transformers' eager matmuls) round differently
     scale = expected.abs().max().item()
     torch.testing.assert_close(logits.float(), expected, atol=0.05 * scale, rtol=0)
     assert (logits.float().argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
@@ -100,3 +101,21 @@ def test_unknown_model_type_lists_the_supported_ones():
         UnsupportedModelError, match="'gpt2'.*bloom, falcon, llama, mistral, mixtral, qwen2, qwen3"
     ):
         get_family("gpt2")
+
+
+@torch.no_grad()
+def test_bloom_checkpoint_saved_from_the_base_model(tmp_path):
+    """BLOOM's Hub checkpoints were saved from `BloomModel`: no `transformer.` prefix, no lm_head (tied)."""
+    from transformers import BloomForCausalLM, BloomModel
+
+    reference = make_checkpoint(CONFIGS["bloom"](), tmp_path / "full", seed=5)
+    base = BloomModel(reference.config)
+    base.load_state_dict(reference.transformer.state_dict())
+    base.save_pretrained(tmp_path / "base", max_shard_size="24KB")
+    assert isinstance(reference, BloomForCausalLM)
+    stack = BlockStack.load(str(tmp_path / "base"), 0, 4, dtype=torch.float32, progress=False)
+    head = ClientHead.load(str(tmp_path / "base"), dtype=torch.float32, progress=False)
+    ids = torch.randint(1, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    positions, mask = torch.arange(8).expand(2, 8), torch.ones(2, 8, dtype=torch.bool)
+    logits = head.logits(stack(head.embed(ids), positions, mask))
+    torch.testing.assert_close(logits, reference(ids).logits, atol=1e-4, rtol=0)

@@ -44,6 +44,7 @@ BLOOM = ModelFamily(
     weight_map=bloom_weight_map,
     check_config=check_bloom,
     block_prefix="transformer.h.{index}.",
+    base_prefix="transformer.",
     embed_name="transformer.word_embeddings.weight",
     norm_name="transformer.ln_f.weight",
     transform_state=bloom_state,

@@ -97,6 +97,7 @@ FALCON = ModelFamily(
     weight_map=falcon_weight_map,
     check_config=check_falcon,
     block_prefix="transformer.h.{index}.",
+    base_prefix="transformer.",
     embed_name="transformer.word_embeddings.weight",
     norm_name="transformer.ln_f.weight",
     transform_state=falcon_state,
