@@ -208,10 +208,8 @@ def rebalance_phase(groups, ckpt: Path) -> dict:
         start_auto(swarm, ckpt, "c", "--throughput", "300", *slow)
         joined_at = time.monotonic()
         before = watch.bottleneck()
-        layout = sorted(
-            (i.start, i.end, i.throughput)
-            for i in {id(i): i for c in watch.coverage() for i in c.values()}.values()
-        )
+        servers = {peer: info for block in watch.coverage() for peer, info in block.items()}
+        layout = sorted((i.start, i.end, i.throughput) for i in servers.values())
         log(f"rebalance: placed {layout}, bottleneck {before:.0f} tokens/s; waiting for a move")
         watch.wait(lambda: watch.bottleneck() > before, 180, "a rebalancing move")
         after = watch.bottleneck()
