@@ -240,6 +240,12 @@ def test_sampling_options_are_applied(client, model, tokenizer):
                                          seed=5, n=2) for _ in range(2)]  # fmt: skip
     assert [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]  # same seed, same samples
     assert len(sampled[0].choices) == 2 and sampled[0].usage.completion_tokens <= 16
+    texts = ["", ""]
+    for chunk in client.completions.create(model=PREFIX, prompt=prompt, max_tokens=12, temperature=0, n=2,
+                                           stream=True):  # fmt: skip
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [plain, plain]  # two greedy choices, streamed side by side
     different_seed = client.completions.create(model=PREFIX, prompt=prompt, max_tokens=8, temperature=1.0, top_p=0.9,
                                                seed=6, n=2)  # fmt: skip
     assert [c.text for c in different_seed.choices] != [c.text for c in sampled[0].choices]
