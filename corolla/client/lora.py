@@ -149,6 +149,8 @@ class RemoteLora(nn.Module):
                                use_rslora=getattr(config, "use_rslora", False), **options)  # fmt: skip
             lora = cls(model.config, **options)
         layers = model.model.layers
+        if isinstance(layers.chain, LoraChain):
+            raise ValueError("this model already has a LoRA attached (model.lora)")
         model.requires_grad_(False)
         lora.to(dtype=model.dtype)
         model.lora = lora  # a submodule: its parameters are the model's trainable ones

@@ -102,7 +102,7 @@ RAW_FRAMES = {
         "bad_request",
         "malformed",
     ),
-    "wrong arity": (HEADER.pack(2, WIRE_VERSION, Kind.FORWARD_REQUEST) + b"\x91\x01", "bad_request", "expected 6"),
+    "wrong arity": (HEADER.pack(2, WIRE_VERSION, Kind.FORWARD_REQUEST) + b"\x91\x01", "bad_request", "expected 7"),
     "not a call": (None, "bad_request", "cannot start a call"),
     "tensor bytes": (None, "bad_request", "needs 768 bytes"),
 }
@@ -122,7 +122,7 @@ def test_malformed_frames_are_answered_with_errors(manager, s0, case):
     elif case == "tensor bytes":  # declares [1, 3, 64] float32 but carries fewer bytes
         model = [manager.model.dht_prefix, manager.model.config_hash]
         tensor = ["float32", [1, 3, 64], "float32", b"\x00" * 10]
-        frame = _frame(Kind.FORWARD_REQUEST, [model, 0, 4, tensor, tensor, tensor])
+        frame = _frame(Kind.FORWARD_REQUEST, [model, 0, 4, tensor, tensor, tensor, ""])
     reply = run(_raw_exchange(manager.node.p2p, peer, frame))
     assert isinstance(reply, ErrorResponse) and reply.code == code
     assert text in reply.message
