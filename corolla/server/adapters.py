@@ -37,6 +37,7 @@ from corolla.models.lora import (
     FusedAdapter,
     LoraAdapter,
     LoraError,
+    attach_lora,
     fuse_adapter,
     fuse_weights,
     lora_sites,
@@ -160,6 +161,16 @@ class AdapterStore:
             i: lora_sites(stack.family, stack.specs[i - stack.start]) for i in range(stack.start, stack.end)
         }
         self._clients: dict[tuple[str, str], ClientAdapter] = {}
+        # the blocks get their LoRA wrappers with the first adapter (a server without any keeps plain blocks)
+        self._wrapped = False
+        if self.served:
+            self._wrap()
+
+    def _wrap(self) -> None:
+        """Wrap the blocks' linears for LoRA. Safe while a forward runs: a wrapper with no adapter is identity."""
+        if not self._wrapped:
+            attach_lora(self.stack)
+            self._wrapped = True
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -232,6 +243,7 @@ class AdapterStore:
                 f"{others + merged.nbytes()} bytes, over the limit of {self.max_client_bytes} bytes "
                 f"(--max_client_adapter_bytes); {self.client_bytes(peer)} bytes are in use"
             )
+        self._wrap()
         self._clients[key] = merged
         return self.client_bytes(peer)
 

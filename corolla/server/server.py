@@ -28,7 +28,6 @@ import torch
 
 from corolla import __version__
 from corolla.models.checkpoint import Checkpoint, config_hash, default_dht_prefix
-from corolla.models.lora import attach_lora
 from corolla.models.quant import QUANT_BYTES_PER_WEIGHT, quantize_stack
 from corolla.models.registry import get_family
 from corolla.models.stack import BlockStack
@@ -247,8 +246,6 @@ class Server:
                     name, ref, adapter.r, adapter.alpha, ",".join(adapter.target_modules), len(adapter.weights),
                     stack.start, stack.end,
                 )  # fmt: skip
-            if served or cfg.max_client_adapter_bytes > 0:
-                attach_lora(stack)
             return AdapterStore(
                 stack, served, max_client_bytes=cfg.max_client_adapter_bytes, client_ttl=cfg.client_adapter_ttl
             )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from corolla.models.lora import attach_lora, use_adapter
+from corolla.models.lora import LoraLinear, use_adapter
 from corolla.models.stack import BlockStack
 from corolla.server.adapters import AdapterLoadError, AdapterStore, parse_adapter_spec, read_adapter_files
 from corolla.wire.errors import AdapterLimitError, BadRequestError, UnknownAdapterError
@@ -22,9 +22,7 @@ def stack():
         vocab_size=64,
     )  # fmt: skip
     torch.manual_seed(0)
-    stack = BlockStack.from_config(config, 1, 3, dtype=torch.float32)
-    attach_lora(stack)
-    return stack
+    return BlockStack.from_config(config, 1, 3, dtype=torch.float32)  # the store wraps it on first upload
 
 
 class Clock:
@@ -50,6 +48,7 @@ def pair_bytes(rank=2, out=32):
 def test_upload_use_release_and_ownership(stack):
     store = AdapterStore(stack, max_client_bytes=10_000)
     assert store.upload("peer1", _upload()) == 2 * pair_bytes()
+    assert isinstance(stack.layers[0].attn.qkv, LoraLinear)
     fused = store.resolve("peer1", "a", 1, 3)
     assert set(fused) == {(1, "attn.qkv"), (2, "attn.qkv")}
     # another peer cannot use it: for it, the name is unknown
