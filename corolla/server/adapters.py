@@ -22,6 +22,7 @@ names them in its forward and backward requests; backward returns their gradient
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -53,6 +54,10 @@ if TYPE_CHECKING:
     from corolla.server.backward import TrainingBackend
 
 logger = logging.getLogger(__name__)
+
+MAX_NAME_LENGTH = 200
+#: Distinct adapters one client may hold on a server at once (besides the byte bound).
+MAX_ADAPTERS_PER_CLIENT = 16
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -161,6 +166,7 @@ class AdapterStore:
             i: lora_sites(stack.family, stack.specs[i - stack.start]) for i in range(stack.start, stack.end)
         }
         self._clients: dict[tuple[str, str], ClientAdapter] = {}
+        self._timer = None
         # the blocks get their LoRA wrappers with the first adapter (a server without any keeps plain blocks)
         self._wrapped = False
         if self.served:
@@ -184,6 +190,25 @@ class AdapterStore:
         for key in [k for k, e in self._clients.items() if now - e.last_used > self.client_ttl]:
             logger.info("Dropped adapter %r of %s: unused for over %.0f s", key[1], key[0], self.client_ttl)
             del self._clients[key]
+
+    def _schedule_expiry(self) -> None:
+        """Check again when the oldest upload may expire, so that a gone client's uploads are dropped on time
+        even if no request comes (only on an event loop; unit tests call ``expire`` themselves)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._timer is not None or not self._clients:
+            return
+        oldest = min(entry.last_used for entry in self._clients.values())
+        delay = max(0.0, oldest + self.client_ttl - self.clock()) + 1.0
+
+        def check() -> None:
+            self._timer = None
+            self.expire()
+            self._schedule_expiry()
+
+        self._timer = loop.call_later(delay, check)
 
     # --- choosing an adapter for a request -----------------------------------------------------------
 
@@ -222,8 +247,8 @@ class AdapterStore:
         """Store (or add to) the peer's adapter; returns the bytes the peer now holds here."""
         if self.max_client_bytes <= 0:
             raise AdapterLimitError("this server does not accept client adapters (--max_client_adapter_bytes 0)")
-        if not request.name:
-            raise BadRequestError("a client adapter needs a name")
+        if not 0 < len(request.name) <= MAX_NAME_LENGTH:
+            raise BadRequestError(f"a client adapter needs a name of 1 to {MAX_NAME_LENGTH} characters")
         if request.name in self.served:
             raise BadRequestError(f"{request.name!r} is the name of an adapter this server serves")
         if not (math.isfinite(request.scale)):
@@ -235,6 +260,10 @@ class AdapterStore:
         key = (peer, request.name)
         entry = self._clients.get(key)
         kept = entry.weights if entry is not None and entry.scale == request.scale else {}
+        if entry is None and sum(p == peer for p, _ in self._clients) >= MAX_ADAPTERS_PER_CLIENT:
+            raise AdapterLimitError(
+                f"this client already holds {MAX_ADAPTERS_PER_CLIENT} adapters here; release one first"
+            )
         merged = ClientAdapter(request.scale, {**kept, **weights}, last_used=self.clock())
         others = self.client_bytes(peer) - (entry.nbytes() if entry is not None else 0)
         if others + merged.nbytes() > self.max_client_bytes:
@@ -245,6 +274,7 @@ class AdapterStore:
             )
         self._wrap()
         self._clients[key] = merged
+        self._schedule_expiry()
         return self.client_bytes(peer)
 
     def release(self, peer: str, name: str) -> bool:
@@ -283,6 +313,11 @@ class AdapterStore:
             weights[item.block][item.target] = (
                 item.a.to(stack.device, stack.dtype).contiguous(),
                 item.b.to(stack.device, stack.dtype).contiguous(),
+            )
+        empty = [i for i, pairs in weights.items() if not pairs]
+        if empty:
+            raise BadRequestError(
+                f"the upload for blocks [{request.start}, {request.end}) has no weights for {empty}"
             )
         return weights
 

@@ -138,3 +138,32 @@ def _empty_dir(tmp_path):
     path = tmp_path / "empty"
     path.mkdir()
     return path
+
+
+def test_empty_and_too_many_uploads_are_refused(stack):
+    from corolla.server.adapters import MAX_ADAPTERS_PER_CLIENT
+
+    store = AdapterStore(stack, max_client_bytes=1 << 20)
+    empty = LoraUploadRequest(MODEL, "e", 1, 3, 1.0, ())
+    with pytest.raises(BadRequestError, match="no weights for \\[1, 2\\]"):
+        store.upload("p", empty)
+    for i in range(MAX_ADAPTERS_PER_CLIENT):
+        store.upload("p", _upload(f"n{i}", start=1, end=2, rank=1))
+    with pytest.raises(AdapterLimitError, match="release one first"):
+        store.upload("p", _upload("one-more", start=1, end=2, rank=1))
+
+
+def test_expiry_runs_on_its_own_on_an_event_loop(stack):
+    import asyncio
+
+    async def scenario():
+        store = AdapterStore(stack, max_client_bytes=1 << 20, client_ttl=0.05)
+        store.upload("p", _upload())
+        assert store.client_bytes("p") > 0
+        for _ in range(1200):  # the store's own timer drops it; this loop only bounds the wait
+            await asyncio.sleep(0.05)
+            if store.client_bytes("p") == 0:
+                return True
+        return False
+
+    assert asyncio.run(scenario())
