@@ -53,6 +53,12 @@ def create_app(engine: Engine, model_names: tuple[str, ...], api_key: str | None
         ).body()
         return JSONResponse(body, status_code=error.status_code)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("Unexpected error answering %s %s", request.method, request.url.path)
+        body = ApiError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
     def authorize(request: Request) -> None:
         if api_key is None:
             return
