@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from corolla.cli.common import add_network_flags, flag, network_config, run_until_signal, setup_logging
@@ -111,10 +112,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def run(args: argparse.Namespace) -> None:
     setup_logging(args.log_level)
     config = config_from_args(args)
+    from corolla.server.adapters import AdapterLoadError
     from corolla.server.server import Server  # heavy imports (torch, transformers) only when serving
 
     server = Server(config)
-    run_until_signal(server.run)
+    try:
+        run_until_signal(server.run)
+    except AdapterLoadError as e:  # a user error: say it, without a traceback
+        logging.getLogger("corolla").error("%s", e)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -120,6 +120,21 @@ def _download(repo: str, revision: str | None, token: str | None) -> tuple[Path,
     return Path(config), Path(weights)
 
 
+def check_served_adapters(specs, model_config, *, token=None) -> None:
+    """Read and check every ``--adapters`` entry against the model (all blocks), keeping nothing."""
+    from corolla.models.registry import get_family
+
+    family = get_family(model_config.model_type)
+    for spec in specs:
+        name, ref = parse_adapter_spec(spec)
+        config, tensors = read_adapter_files(ref, token=token)
+        try:
+            parse_peft_adapter(config, tensors, family, model_config, blocks=(0, 0))
+        except LoraError as e:
+            raise AdapterLoadError(f"adapter {ref!r} does not fit this model: {e}") from None
+        logger.info("Adapter %r (%s) fits the model", name, ref)
+
+
 def load_served_adapter(ref: str, stack: BlockStack, *, revision=None, token=None) -> LoraAdapter:
     """A served adapter restricted to ``stack``'s blocks, in its dtype, checked against its model."""
     config, tensors = read_adapter_files(ref, revision=revision, token=token)

@@ -31,7 +31,7 @@ from corolla.models.checkpoint import Checkpoint, config_hash, default_dht_prefi
 from corolla.models.quant import QUANT_BYTES_PER_WEIGHT, quantize_stack
 from corolla.models.registry import get_family
 from corolla.models.stack import BlockStack
-from corolla.server.adapters import AdapterStore, load_served_adapter, parse_adapter_spec
+from corolla.server.adapters import AdapterStore, check_served_adapters, load_served_adapter, parse_adapter_spec
 from corolla.server.backend import BlockBackend
 from corolla.server.block_selection import Span, block_throughputs, choose_best_start, quality, rebalance_target
 from corolla.server.compute import ComputeWorker
@@ -79,6 +79,7 @@ class Server:
         self.dht_prefix = cfg.dht_prefix or default_dht_prefix(cfg.model)
         self.model_ref = ModelRef(self.dht_prefix, config_hash(model_config))
         self.dtype = dtype = resolve_dtype(cfg.torch_dtype, model_config)
+        check_served_adapters(cfg.adapters, model_config, token=cfg.token)  # before anything slow
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.node = await SwarmNode.start(cfg.network)
