@@ -5,6 +5,20 @@ routing uses only servers that announce it. The choice is, from the most to the 
 ``active_adapter`` given to ``generate`` / ``inference_session`` (held in a context variable for the
 call, :func:`using_adapter`), else the client's ``active_adapter`` option (``from_pretrained(...,
 active_adapter=NAME)``, Petals' name), else none (the base model).
+
+**Client-owned LoRA** (:class:`RemoteLora`). The client holds A and B for every block; the model's chain
+is wrapped in a :class:`LoraChain`, whose forward is :class:`LoraBlocksFunction`: the same chunking,
+max-throughput routing and retries as ``corolla.client.remote_autograd.RemoteBlocksFunction``, with the
+request naming the client's adapter and the backward returning its A/B gradients. Decisions:
+
+- **Weights travel once per version.** A version is the state of the weights: a new version name
+  whenever a parameter's version counter moved (an optimizer step, any in-place change). A server gets a
+  span's slices before its first request under a version (one upload per server and step, replacing the
+  previous version, split to fit messages); every chunk's forward and backward only names it.
+- **Lost uploads are re-sent**, not treated as a failed server: a server that answers ``unknown_adapter``
+  (restarted, TTL passed) gets the slices again; other errors follow the manager's failure policy.
+- **Same math locally.** On an in-process chain the blocks run with the same fused side path
+  (``corolla.models.lora``) under ordinary autograd: the reference for tests and ``bench/finetune.py``.
 """
 
 from __future__ import annotations
