@@ -186,3 +186,40 @@ def test_other_families_match_peft(tmp_path, config, targets):
         _, folder = make_peft(model, tmp_path / "qkv", targets=["query_key_value"])
         with pytest.raises(LoraError, match="query_key_value"):
             read_adapter(folder, stack)
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+def test_lora_wraps_quantized_linears(tmp_path, quant_type):
+    """LoRA calls whatever module holds the base weights (never reads a weight): quantized ones too."""
+    from corolla.models.quant import quantize_stack
+
+    model = make_checkpoint(CONFIGS["llama-gqa-headdim-llama3-tied"](), tmp_path / "ckpt")
+    path = str(tmp_path / "ckpt")
+    stack = BlockStack.load(path, 0, model.config.num_hidden_layers, dtype=torch.float32, progress=False)
+    quantize_stack(stack, quant_type)
+    attach_lora(stack)
+    assert type(stack.layers[0].attn.qkv.base).__name__ != "Linear"
+    head = ClientHead.load(path, dtype=torch.float32, progress=False)
+    peft_model, folder = make_peft(model, tmp_path / "adapter")
+    adapter = read_adapter(folder, stack)
+    ids = _ids(model)
+    with torch.no_grad():
+        quantized_delta = logits(stack, head, ids, fuse_adapter(adapter, stack.family, stack.config)) - logits(
+            stack, head, ids
+        )
+        exact_delta = peft_model(ids).logits - model(ids).logits
+    # the LoRA delta on top of quantized blocks is the exact delta up to the quantization error (a missing
+    # or misplaced LoRA would be off by about 1)
+    error = (quantized_delta - exact_delta).abs().max() / exact_delta.abs().max()
+    assert error < {"int8": 0.2, "nf4": 0.5}[quant_type], error
+    # module level, exactly: the wrapper adds scale * B(A(x)) to what the quantized module returns
+    wrapper, fused = stack.layers[1].attn.qkv, fuse_adapter(adapter, stack.family, stack.config)
+    x = torch.randn(5, wrapper.in_features)
+    a, b = fused[(1, "attn.qkv")]
+    with torch.no_grad(), use_adapter(fused):
+        torch.testing.assert_close(wrapper(x), wrapper.base(x) + (x @ a.t()) @ b.t())
+    # and gradients reach A and B through the quantized base
+    weights = {b: {n: (a.clone().requires_grad_(), bb.clone().requires_grad_()) for n, (a, bb) in p.items()}
+               for b, p in adapter.weights.items()}  # fmt: skip
+    logits(stack, head, ids, fuse_weights(weights, adapter.scale, stack.family, stack.config)).sum().backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for p in weights.values() for a, _ in p.values())
