@@ -6,15 +6,16 @@ Prints one JSON document on stdout (progress on stderr). For each mode, the same
 class, initial trainable parameters, batches and SGD optimizer) runs twice:
 
 - **local**: corolla's client model on an in-process ``LocalChain`` (the same blocks, frozen, no network),
-  with the faster of 1 and 2 torch threads (measured before any server starts);
+  with the faster of 1 and 2 torch threads (one step each, measured before any server starts);
 - **swarm**: the client model on a swarm of 3 servers splitting the blocks (disjoint spans, 3 hops, each
   ``--num_threads 1``), the client process with 1 torch thread; the servers recompute each span's forward in
   backward (they keep nothing between calls), so the swarm does about 4/3 of the local compute.
 
-Each reports steps/s and tokens/s (batch x sequence per step) over ``--steps`` timed steps after one warm-up
-step, the CPU others used meanwhile (the machine is shared), and the largest difference between the two runs'
-trainable parameters at the end (the same training must give the same result). ``ratio`` is swarm over local
-steps/s; the target is >= 1.0.
+The two runs alternate step by step (local, swarm, local, swarm, ...), so both see the same machine load. Each
+reports steps/s and tokens/s (batch x sequence per step) over ``--steps`` timed steps after one warm-up step,
+the CPU others used during each step (the machine is shared), and the largest difference between the two
+runs' trainable parameters at the end (the same training must give the same result). ``ratio`` is swarm over
+local steps/s (also the median of the per-step ratios); the target is >= 1.0.
 
 Modes are entries of :data:`MODES`: a function that builds the client model for a checkpoint on a given chain
 (or swarm peers) and returns it with its trainable parameters. Adding a mode (e.g. client LoRA) is one entry.
@@ -93,66 +94,88 @@ def batches(vocab: int, batch: int, seq: int, count: int) -> list[torch.Tensor]:
     return [torch.randint(3, vocab, (batch, seq), generator=g) for _ in range(count)]
 
 
-def train(model, params, data: list[torch.Tensor], monitor: CpuMonitor) -> dict:
-    """One warm-up step, then one timed step per remaining batch; returns timings and final parameters."""
-    # plain SGD: the update is proportional to the gradient, so a wrong gradient shows in the parameters (Adam's
-    # first steps are nearly sign(gradient) and would hide it)
-    optimizer = torch.optim.SGD(params, lr=getattr(model, "bench_lr", LR))
-    initial = [p.detach().clone() for p in params]
-    losses, times = [], []
-    monitor.start()
-    for i, ids in enumerate(data):
+class Trainer:
+    """One model's training: SGD steps on given batches, each timed, with the CPU others used meanwhile."""
+
+    def __init__(self, model, params, threads: int, monitor: CpuMonitor):
+        self.model, self.params, self.threads, self.monitor = model, params, threads, monitor
+        # plain SGD: the update is proportional to the gradient, so a wrong gradient shows in the parameters
+        # (Adam's first steps are nearly sign(gradient) and would hide it)
+        self.optimizer = torch.optim.SGD(params, lr=getattr(model, "bench_lr", LR))
+        self.initial = [p.detach().clone() for p in params]
+        self.losses: list[float] = []
+        self.times: list[float] = []
+        self.loads: list[float] = []
+
+    def step(self, ids: torch.Tensor, timed: bool = True) -> float:
+        torch.set_num_threads(self.threads)
+        self.monitor.start()
         t0 = time.perf_counter()
-        optimizer.zero_grad()
-        loss = model(ids, labels=ids).loss
+        self.optimizer.zero_grad()
+        loss = self.model(ids, labels=ids).loss
         loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if i == 0:
-            monitor.start()  # the warm-up step is not timed
-        else:
-            times.append(time.perf_counter() - t0)
-    tokens = data[0].numel()
-    seconds = sum(times)
-    return {
-        "steps_per_s": len(times) / seconds,
-        "tokens_per_s": tokens * len(times) / seconds,
-        "step_s": [round(t, 3) for t in times],
-        "losses": [round(x, 5) for x in losses],
-        "others_cpu_cores": round(monitor.foreign_cores(), 2),
-        "max_param_change": max((p.detach() - q).abs().max().item() for p, q in zip(params, initial)),
-        "params": [p.detach().clone() for p in params],
-    }
+        self.optimizer.step()
+        seconds = time.perf_counter() - t0
+        self.losses.append(loss.item())
+        if timed:
+            self.times.append(seconds)
+            self.loads.append(self.monitor.foreign_cores())
+        return seconds
+
+    def result(self, tokens: int) -> dict:
+        seconds = sum(self.times)
+        return {
+            "steps_per_s": len(self.times) / seconds,
+            "tokens_per_s": tokens * len(self.times) / seconds,
+            "step_s": [round(t, 3) for t in self.times],
+            "losses": [round(x, 5) for x in self.losses],
+            "others_cpu_cores": [round(x, 2) for x in self.loads],
+            "threads": self.threads,
+            "max_param_change": max(
+                (p.detach() - q).abs().max().item() for p, q in zip(self.params, self.initial)
+            ),
+        }
 
 
-def run_local(build, ckpt: Path, data, monitor: CpuMonitor) -> dict:
-    from corolla.client.local_chain import LocalChain
+def local_stack(ckpt: Path):
     from corolla.models.stack import BlockStack
 
-    results = {}
     stack = BlockStack.load(str(ckpt), 0, MODELS_CONFIG["num_hidden_layers"], dtype=torch.float32, progress=False)
-    stack.requires_grad_(False)  # frozen, as on a server
+    return stack.requires_grad_(False)  # frozen, as on a server
+
+
+def choose_local_threads(build, ckpt: Path, stack, data, monitor: CpuMonitor) -> dict:
+    """Seconds of one step with 1 and 2 torch threads (after a warm-up step), before any server runs."""
+    from corolla.client.local_chain import LocalChain
+
+    seconds = {}
     for threads in (1, 2):
-        torch.set_num_threads(threads)
         model, params = build(ckpt, chain=LocalChain(stack))
-        results[threads] = train(model, params, data, monitor)
-        log(f"  local, {threads} thread(s): {results[threads]['steps_per_s']:.3f} steps/s")
+        trainer = Trainer(model, params, threads, monitor)
+        trainer.step(data[0], timed=False)
+        seconds[threads] = trainer.step(data[1])
+        log(f"  local step with {threads} thread(s): {seconds[threads]:.2f} s")
     torch.set_num_threads(1)
-    best = max(results, key=lambda t: results[t]["steps_per_s"])
-    return {
-        **results[best],
-        "threads": best,
-        "steps_per_s_by_threads": {t: r["steps_per_s"] for t, r in results.items()},
-    }
+    return seconds
 
 
-def run_swarm(build, ckpt: Path, initial_peers, data, monitor: CpuMonitor) -> dict:
-    torch.set_num_threads(1)
-    model, params = build(ckpt, initial_peers=initial_peers)
+def paired_runs(build, ckpt: Path, stack, initial_peers, data, local_threads: int, monitor: CpuMonitor):
+    """The same training locally and through the swarm, step by step alternately, so both see the same load."""
+    from corolla.client.local_chain import LocalChain
+
+    local = Trainer(*build(ckpt, chain=LocalChain(stack)), local_threads, monitor)
+    remote = Trainer(*build(ckpt, initial_peers=initial_peers), 1, monitor)
     try:
-        return train(model, params, data, monitor)
+        local.step(data[0], timed=False)
+        remote.step(data[0], timed=False)
+        for i, ids in enumerate(data[1:], 1):
+            a, b = local.step(ids), remote.step(ids)
+            log(f"  step {i}: local {a:.2f} s, swarm {b:.2f} s")
+        diff = max((a - b).abs().max().item() for a, b in zip(remote.params, local.params))
+        return local, remote, diff
     finally:
-        model.shutdown()
+        remote.model.shutdown()
+        torch.set_num_threads(1)
 
 
 MODELS_CONFIG: dict = {}
@@ -189,37 +212,40 @@ def main(argv: list[str] | None = None) -> None:
             "target_ratio": TARGET,
             "modes": {},
         }
-        local = {}
-        for mode in modes:
-            log(f"{mode}: local training")
-            local[mode] = run_local(MODES[mode], ckpt, data, monitor)
+        stack = local_stack(ckpt)
+        log("local thread count (one step each, before any server starts)")
+        by_threads = choose_local_threads(MODES[modes[0]], ckpt, stack, data, monitor)
+        local_threads = min(by_threads, key=by_threads.get)
+        report["local_step_s_by_threads"] = by_threads
         groups = ProcessGroups(workdir)
         swarm = Swarm(groups)
         try:
             swarm.start_dht()
             num_blocks = spec["config"]["num_hidden_layers"]
-            procs = [
-                swarm.start_server(f"s{i}", ckpt, f"{a}:{b}", args.model)
-                for i, (a, b) in enumerate(chain_spans(num_blocks, SERVERS))
-            ]
+            spans = chain_spans(num_blocks, SERVERS)
+            procs = [swarm.start_server(f"s{i}", ckpt, f"{a}:{b}", args.model) for i, (a, b) in enumerate(spans)]
             log(f"waiting for {SERVERS} servers")
             swarm.wait_online(procs, args.model, num_blocks)
             for mode in modes:
-                log(f"{mode}: swarm training")
-                remote = run_swarm(MODES[mode], ckpt, swarm.initial_peers, data, monitor)
-                ours, theirs = remote.pop("params"), local[mode].pop("params")
-                diff = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
-                ratio = remote["steps_per_s"] / local[mode]["steps_per_s"]
+                log(f"{mode}: local and swarm training, alternating steps")
+                local, remote, diff = paired_runs(
+                    MODES[mode], ckpt, stack, swarm.initial_peers, data, local_threads, monitor
+                )
+                tokens = data[0].numel()
+                ours, theirs = remote.result(tokens), local.result(tokens)
+                ratio = sum(local.times) / sum(remote.times)
+                pair_ratios = sorted(a / b for a, b in zip(local.times, remote.times))
                 report["modes"][mode] = {
-                    "local": local[mode],
-                    "swarm": {**remote, "servers": SERVERS, "spans": chain_spans(num_blocks, SERVERS)},
-                    "ratio_swarm_vs_local": round(ratio, 3),
+                    "local": theirs,
+                    "swarm": {**ours, "servers": SERVERS, "spans": spans},
+                    "ratio_swarm_vs_local": ratio,
+                    "ratio_median_of_pairs": pair_ratios[len(pair_ratios) // 2],
                     "meets_target": ratio >= TARGET,
                     "max_param_diff_vs_local": diff,
-                    "same_result": diff < 1e-4 * max(1.0, remote["max_param_change"]),
+                    "same_result": diff < 1e-4 * max(1.0, ours["max_param_change"]),
                 }
                 log(
-                    f"  {mode}: swarm {remote['steps_per_s']:.3f} steps/s, {ratio:.2f}x local; param diff {diff:.2e}"
+                    f"  {mode}: swarm {ours['steps_per_s']:.3f} steps/s, {ratio:.2f}x local; param diff {diff:.2e}"
                 )
         finally:
             swarm.close()

@@ -6,9 +6,10 @@ inputs to a server (``TrainForwardRequest``) and whose backward sends them again
 the span's output (``BackwardRequest``), from the last span to the first. Decisions:
 
 - **Chunks.** The batch is split by rows into chunks that fit a message (a backward request carries
-  inputs and gradients, so a quarter of ``max_message_bytes`` each) and at most
-  :data:`CHUNK_TOKENS` tokens; chunks run concurrently, so different chunks can be on different servers
-  (or replicas) at once.
+  inputs and gradients, so a quarter of ``max_message_bytes`` each) and hold at most
+  :data:`CHUNK_TOKENS` tokens, and into at least :data:`PIPELINE_CHUNKS` chunks when it has the rows. Chunks
+  run concurrently: while the second server of a chain computes one chunk, the first computes the next
+  (a pipeline), and with replicas different chunks land on different servers.
 - **Routing and retries.** Each hop is planned with ``make_route(..., mode="max_throughput")`` from
   the first block not yet computed, so load spreads over replicas. A failed span is banned through
   the manager's one failure policy (``note_failure``: fatal errors such as a bad request propagate,
@@ -39,10 +40,12 @@ from corolla.wire.messages import (
     TrainForwardRequest,
 )
 
-__all__ = ["CHUNK_TOKENS", "RemoteBlocksFunction", "chain_forward"]
+__all__ = ["CHUNK_TOKENS", "PIPELINE_CHUNKS", "RemoteBlocksFunction", "chain_forward"]
 
 #: Most tokens (rows x sequence length) in one chunk of a training forward/backward.
 CHUNK_TOKENS = 8192
+#: A batch is split into at least this many chunks (when it has that many rows), so servers work in a pipeline.
+PIPELINE_CHUNKS = 4
 
 
 def chain_forward(
@@ -93,7 +96,6 @@ class RemoteBlocksFunction(torch.autograd.Function):
         grad_hidden, grad_prompts = ctx.manager.bridge.run(
             _backward_all(ctx.manager, ctx.chunks, grad_output.contiguous(), ctx.prompts, ctx.start)
         )
-        ctx.chunks = None  # free the saved span inputs
         return grad_hidden.to(ctx.hidden_dtype), grad_prompts, None, None, None, None, None
 
 
@@ -122,7 +124,7 @@ class _Chunk:
 def _row_slices(hidden: torch.Tensor, max_bytes: int) -> list[slice]:
     batch, tokens = hidden.shape[:2]
     row_bytes = max(1, hidden[0].numel() * hidden.element_size())
-    rows = max(1, min(max_bytes // 4 // row_bytes, CHUNK_TOKENS // max(1, tokens)))
+    rows = max(1, min(max_bytes // 4 // row_bytes, CHUNK_TOKENS // max(1, tokens), -(-batch // PIPELINE_CHUNKS)))
     return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
 
 
