@@ -1,4 +1,4 @@
-"""Every family added after Llama generates through a real 2-server swarm, token-exact with transformers.
+"""Every family besides Llama generates through a real 2-server swarm, token-exact with transformers.
 
 One module-scoped DHT; per family (a parametrized module-scoped fixture, so only one family's servers run
 at a time) a tiny random checkpoint saved by transformers (sharded safetensors + index) and two servers
@@ -17,7 +17,9 @@ from corolla import AutoDistributedModelForCausalLM
 from corolla.client.model import MODEL_CLASSES
 from corolla.wire.records import ServerState
 
-FAMILIES = {  # swarm model name -> tiny config (see tiny_models.CONFIGS)
+FAMILIES = {  # swarm model name -> tiny config (see tiny_models.CONFIGS); llama: test_generate.py
+    "tiny-mistral": "mistral-sliding",
+    "tiny-qwen2": "qwen2-sliding",
     "tiny-qwen3": "qwen3-sliding-bias",
     "tiny-mixtral": "mixtral-top2-sliding",
     "tiny-bloom": "bloom",
