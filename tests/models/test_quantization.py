@@ -195,3 +195,19 @@ def test_cuda_uses_bitsandbytes(tame_checkpoint, quant_type):
         logits = head.logits(stack(head.embed(ids), positions, mask)).float()
     agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
     assert agreement >= BOUNDS[quant_type][0]
+
+
+@torch.no_grad()
+def test_lora_wrappers_call_quantized_modules(tame_checkpoint):
+    """LoRA (corolla.models.lora) wraps whatever linear a block holds: quantized ones included."""
+    from corolla.models.lora import LoraLinear, attach_lora
+
+    stack = BlockStack.load(tame_checkpoint, 0, LAYERS, dtype=torch.float32, progress=False)
+    quantize_stack(stack, "int8")
+    ids, positions, mask = _batch()
+    hidden = torch.randn(4, 32, stack.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    before = stack(hidden, positions, mask)
+    attach_lora(stack)
+    wrapped = [m for m in stack.modules() if isinstance(m, LoraLinear)]
+    assert wrapped and all(isinstance(m.base, Int8Linear) for m in wrapped)
+    torch.testing.assert_close(stack(hidden, positions, mask), before, atol=0, rtol=0)
