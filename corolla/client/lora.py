@@ -27,6 +27,7 @@ import asyncio
 import contextvars
 import functools
 import json
+import logging
 import math
 import uuid
 from collections.abc import Iterator
@@ -62,8 +63,12 @@ from corolla.wire.messages import (
     TrainForwardRequest,
 )
 
+logger = logging.getLogger(__name__)
+
 #: Most tokens (rows x sequence length) in one chunk of a training forward/backward.
 CHUNK_TOKENS = 8192
+#: Split a batch into at least this many chunks (when it has the rows) so that a chain's servers overlap.
+PIPELINE_CHUNKS = 4
 
 _ADAPTER: contextvars.ContextVar[str | None] = contextvars.ContextVar("corolla_active_adapter", default=None)
 
@@ -294,8 +299,21 @@ class LoraChain:
         else:
             attach_lora_wrappers(chain.stack)
 
-    def __getattr__(self, name: str):  # show_route, shutdown, ... of the wrapped chain
-        return getattr(self.__dict__["chain"], name)
+    # Deliberately not a transparent proxy: code that drives the swarm directly (``make_route``, requests
+    # without the adapter) must not mistake this chain for the plain manager and bypass the LoRA.
+    def show_route(self, *args, **kwargs) -> str:
+        return self.chain.show_route(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        """Release the uploads on the servers (best effort), then leave the swarm."""
+        if self.swarm:
+            try:
+                self.lora.release()
+            except Exception as e:  # servers gone or slow: their TTL drops the uploads
+                logger.debug("Releasing the LoRA uploads failed: %r", e)
+        shutdown = getattr(self.chain, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def forward(self, hidden, positions, attention_mask, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self.num_blocks if end is None else end
@@ -406,10 +424,12 @@ class _Chunk:
 
 
 def _row_slices(hidden: torch.Tensor, max_bytes: int) -> list[slice]:
-    """Rows per chunk: a backward request carries inputs and gradients, so a quarter of a message each."""
+    """Rows per chunk: a backward request carries inputs and gradients, so a quarter of a message each, at
+    most CHUNK_TOKENS tokens, and at least PIPELINE_CHUNKS chunks when the batch has the rows: chunks run
+    concurrently, so the servers of a chain work on different chunks at once instead of waiting in turn."""
     batch, tokens = hidden.shape[:2]
     row_bytes = max(1, hidden[0].numel() * hidden.element_size())
-    rows = max(1, min(max_bytes // 4 // row_bytes, CHUNK_TOKENS // max(1, tokens)))
+    rows = max(1, min(max_bytes // 4 // row_bytes, CHUNK_TOKENS // max(1, tokens), -(-batch // PIPELINE_CHUNKS)))
     return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
 
 

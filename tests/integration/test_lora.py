@@ -281,7 +281,7 @@ def test_client_lora_trains_like_peft_then_is_served(
             torch.testing.assert_close(model(ids).logits, loaded(ids).logits, atol=1e-4, rtol=0)
         name = lora.current_name()
         lora.release()
-        _assert_dropped(model.chain, swarm, name)
+        _assert_dropped(model.chain.chain, swarm, name)  # the manager under the LoraChain
     finally:
         model.shutdown()
 
@@ -347,6 +347,9 @@ def test_server_killed_mid_step_is_replaced_and_gradients_unchanged(swarm, tiny_
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
     try:
         lora = RemoteLora.attach(model, path=init)
+        # the inputs' gradient comes back too (here: to the embeddings, trained alongside)
+        model.get_input_embeddings().weight.requires_grad_(True)
+        peft_model.get_input_embeddings().weight.requires_grad_(True)
         ids, mask = _batch(3)
         loss = model(ids, labels=ids).loss
         assert len(set(used)) == 1  # one server hosts every block: one hop
@@ -363,5 +366,7 @@ def test_server_killed_mid_step_is_replaced_and_gradients_unchanged(swarm, tiny_
             a, b = lora.pair(block, name)
             torch.testing.assert_close(a.grad, ref_grads[f"{key}.lora_A.default.weight"], atol=1e-6, rtol=1e-4)
             torch.testing.assert_close(b.grad, ref_grads[f"{key}.lora_B.default.weight"], atol=1e-6, rtol=1e-4)
+        expected = peft_model.get_input_embeddings().weight.grad
+        torch.testing.assert_close(model.get_input_embeddings().weight.grad, expected, atol=1e-6, rtol=1e-4)
     finally:
         model.shutdown()
