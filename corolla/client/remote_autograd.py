@@ -16,7 +16,9 @@ the span's output (``BackwardRequest``), from the last span to the first. Decisi
   others count a retry) and retried on another server. Backward goes to the server that ran the
   span's forward while it is usable; otherwise a new route is planned for the span, and when no single
   server covers it any more, its inner inputs are recomputed by a forward over the new route first.
-  Servers are stateless between forward and backward, so a retried step gives the same result.
+  A backward request carries the span's inputs, so any replica can answer it and a retried step gives the
+  same result; the forward names a random ``graph_id`` so that the server that ran it may keep its autograd
+  graph and skip recomputing it in backward (an optimisation with the same result).
 - **Deep prompts** ``[num_blocks, B or 1, K, H]`` for the blocks run travel with each span's requests
   (the span's slice); their gradients come back and are summed over chunks (batch 1) or
   concatenated (per-row prompts).
@@ -27,6 +29,7 @@ the span's output (``BackwardRequest``), from the last span to the first. Decisi
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +71,9 @@ def chain_forward(
             return RemoteBlocksFunction.apply(hidden, prompts, chain, positions, attention_mask, start, end)
         if prompts is None:
             return chain.forward(hidden, positions, attention_mask, start=start, end=end)
-        out, _ = chain.bridge.run(_forward_all(chain, hidden, positions, attention_mask, prompts, start, end))
+        out, _ = chain.bridge.run(
+            _forward_all(chain, hidden, positions, attention_mask, prompts, start, end, keep_graphs=False)
+        )
         return out
     if prompts is None:
         return chain.forward(hidden, positions, attention_mask, start=start, end=end)
@@ -110,6 +115,8 @@ class _Span:
     end: int
     inputs: torch.Tensor
     peer: str | None
+    graph_id: bytes = b""  # the forward's id on ``graph_peer``, who may have kept its graph
+    graph_peer: str | None = None
 
 
 @dataclass
@@ -153,23 +160,28 @@ async def _gather(coros) -> list:
                 task.cancel()
 
 
-async def _forward_all(manager, hidden, positions, mask, prompts, start: int, end: int):
+async def _forward_all(manager, hidden, positions, mask, prompts, start: int, end: int, keep_graphs: bool = True):
     chunks = [
         _Chunk(rows, positions[rows], mask[rows], _prompts_rows(prompts, rows), [])
         for rows in _row_slices(hidden, manager.config.max_message_bytes)
     ]
-    outputs = await _gather(_forward_span(manager, hidden[c.rows], c, start, start, end, c.spans) for c in chunks)
+    outputs = await _gather(
+        _forward_span(manager, hidden[c.rows], c, start, start, end, c.spans, keep_graphs) for c in chunks
+    )
     return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]), chunks
 
 
-async def _forward_span(manager, x, chunk: _Chunk, base: int, start: int, end: int, spans: list[_Span]):
+async def _forward_span(
+    manager, x, chunk: _Chunk, base: int, start: int, end: int, spans: list[_Span], keep_graphs: bool = True
+):
     """Blocks [start, end) over ``x``, hop by hop, appending each hop's inputs to ``spans``."""
     block, failures, dtype = start, 0, x.dtype
     while block < end:
         hop = (await manager.make_route(block, end, mode="max_throughput"))[0]
+        graph_id = os.urandom(16) if keep_graphs else b""
         request = TrainForwardRequest(
             manager.model, hop.start, hop.end, x, chunk.positions, chunk.mask,
-            _span_prompts(chunk.prompts, base, hop.start, hop.end),
+            _span_prompts(chunk.prompts, base, hop.start, hop.end), graph_id=graph_id,
         )  # fmt: skip
         try:
             response = await _call(manager, hop.peer_id, request, ForwardResponse)
@@ -177,7 +189,7 @@ async def _forward_span(manager, x, chunk: _Chunk, base: int, start: int, end: i
             failures += 1
             manager.note_failure(hop.peer_id, e, failures)
             continue
-        spans.append(_Span(hop.start, hop.end, x, hop.peer_id))
+        spans.append(_Span(hop.start, hop.end, x, hop.peer_id, graph_id, hop.peer_id))
         x, block = response.hidden.to(dtype), hop.end
     return x
 
@@ -208,6 +220,7 @@ async def _backward_chunk(manager, chunk: _Chunk, grad: torch.Tensor, base: int)
         request = BackwardRequest(
             manager.model, span.start, span.end, span.inputs, chunk.positions, chunk.mask,
             grad.to(span.inputs.dtype), _span_prompts(chunk.prompts, base, span.start, span.end),
+            graph_id=span.graph_id if span.peer == span.graph_peer else b"",
         )  # fmt: skip
         try:
             response = await _call(manager, span.peer, request, BackwardResponse)

@@ -3,10 +3,12 @@
 A client fine-tunes a model whose blocks it does not hold: it sends each span's inputs forward, and on
 ``loss.backward()`` sends the same inputs back with the gradient of the span's output. Decisions:
 
-- **Stateless backward.** The server keeps nothing between a forward and its backward: the backward
-  request carries the span's inputs again, and the server recomputes the span's forward under autograd
-  (activation recomputation, as in Petals), then takes ``torch.autograd.grad`` of it. Any replica of
-  the span can answer, which is what lets the client retry a failed span elsewhere.
+- **Self-contained backward.** The backward request carries the span's inputs again, so any replica of
+  the span can answer it, which is what lets the client retry a failed span elsewhere: the server
+  recomputes the span's forward under autograd (activation recomputation, as in Petals), then takes
+  ``torch.autograd.grad`` of it. As an optimisation, a forward that names a ``graph_id`` is run under
+  autograd and its graph kept (bounded, expiring: :mod:`corolla.server.saved_graphs`); the backward
+  naming the same id from the same client, with the same inputs, uses it instead of recomputing.
 - **Frozen weights.** The hosted blocks' parameters have ``requires_grad=False`` (set by the backend);
   gradients are taken only with respect to the request's tensors, so nothing accumulates into or
   updates a weight, whatever a client sends.
@@ -29,6 +31,7 @@ import torch
 
 from corolla.models.deep_prompts import run_blocks
 from corolla.server.compute import PRIORITY_FORWARD
+from corolla.server.saved_graphs import DEFAULT_MAX_BYTES, SavedGraph, SavedGraphs, activation_bytes
 from corolla.wire.errors import BadRequestError, SessionLengthError
 from corolla.wire.messages import BackwardRequest, BackwardResponse, ForwardResponse, TrainForwardRequest
 
@@ -62,9 +65,17 @@ def check_prompts(prompts: torch.Tensor | None, num_blocks: int, hidden: torch.T
 class TrainingBackend:
     """Forward/backward for training over a :class:`BlockBackend`'s stack, on its compute worker."""
 
-    def __init__(self, backend: BlockBackend, *, max_batch_size: int, max_length: int):
+    def __init__(
+        self,
+        backend: BlockBackend,
+        *,
+        max_batch_size: int,
+        max_length: int,
+        max_graph_bytes: int = DEFAULT_MAX_BYTES,
+    ):
         self.backend = backend
         self.max_batch_size, self.max_length = max_batch_size, max_length
+        self.graphs = SavedGraphs(max_graph_bytes)  # touched by compute jobs only
 
     def _check(self, request: TrainForwardRequest | BackwardRequest) -> None:
         backend = self.backend
@@ -80,16 +91,25 @@ class TrainingBackend:
             raise BadRequestError(
                 f"{request.prompts.shape[2]} prompt tokens do not fit a sequence of {tokens} tokens"
             )
+        if len(request.graph_id) > 64:
+            raise BadRequestError(f"graph_id must be at most 64 bytes, got {len(request.graph_id)}")
 
-    async def forward(self, request: TrainForwardRequest) -> ForwardResponse:
+    @staticmethod
+    def _graph_key(request: TrainForwardRequest | BackwardRequest, peer: str) -> tuple[str, bytes] | None:
+        # graphs are kept only for the base model: an adapter's requests take their own paths
+        if not request.graph_id or getattr(request, "adapter", ""):
+            return None
+        return peer, request.graph_id
+
+    async def forward(self, request: TrainForwardRequest, peer: str = "") -> ForwardResponse:
         self._check(request)
         out = await self.backend.worker.submit(
             PRIORITY_FORWARD, self._forward, request.start, request.end, request.hidden, request.positions,
-            request.attention_mask, request.prompts,
+            request.attention_mask, request.prompts, self._graph_key(request, peer),
         )  # fmt: skip
         return ForwardResponse(out)
 
-    async def backward(self, request: BackwardRequest) -> BackwardResponse:
+    async def backward(self, request: BackwardRequest, peer: str = "") -> BackwardResponse:
         self._check(request)
         grad = request.grad_output
         if tuple(grad.shape) != tuple(request.hidden.shape) or not grad.is_floating_point():
@@ -97,20 +117,47 @@ class TrainingBackend:
                 f"grad_output must be floating point with the shape of hidden {list(request.hidden.shape)}, "
                 f"got {grad.dtype} {list(grad.shape)}"
             )
-        grad_hidden, grad_prompts, _ = await self.backend.worker.submit(
-            PRIORITY_FORWARD, self.span_backward, request.start, request.end, request.hidden, request.positions,
-            request.attention_mask, grad, request.prompts,
+        grad_hidden, grad_prompts = await self.backend.worker.submit(
+            PRIORITY_FORWARD, self._backward, self._graph_key(request, peer), request.start, request.end,
+            request.hidden, request.positions, request.attention_mask, grad, request.prompts,
         )  # fmt: skip
         return BackwardResponse(grad_hidden, grad_prompts)
 
-    def _forward(self, start, end, hidden, positions, mask, prompts) -> torch.Tensor:
+    def _forward(self, start, end, hidden, positions, mask, prompts, key) -> torch.Tensor:
         device, dtype = self.backend.device, self.backend.dtype
-        prompts = None if prompts is None else prompts.to(device, dtype)
-        out = run_blocks(
-            self.backend.stack, (start, end), hidden.to(device, dtype), positions.to(device), mask.to(device),
-            prompts,
-        )  # fmt: skip
-        return out.cpu()
+        if key is None:
+            out = run_blocks(
+                self.backend.stack, (start, end), hidden.to(device, dtype), positions.to(device), mask.to(device),
+                None if prompts is None else prompts.to(device, dtype),
+            )  # fmt: skip
+            return out.cpu()
+        with torch.inference_mode(False), torch.enable_grad():  # keep the graph for the backward
+            leaves = [hidden.to(device, dtype).detach().clone().requires_grad_(True)]
+            if prompts is not None:
+                leaves.append(prompts.to(device, dtype).detach().clone().requires_grad_(True))
+            out = run_blocks(
+                self.backend.stack, (start, end), leaves[0], positions.to(device), mask.to(device),
+                leaves[1] if prompts is not None else None,
+            )  # fmt: skip
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        size = activation_bytes(self.backend.stack.config, hidden.shape[0] * hidden.shape[1], hidden.shape[1],
+                                end - start, itemsize)  # fmt: skip
+        self.graphs.put(key, SavedGraph((hidden, positions, mask, prompts), out, leaves, size, 0.0))
+        return out.detach().cpu()
+
+    def _backward(self, key, start, end, hidden, positions, mask, grad_output, prompts):
+        graph = None if key is None else self.graphs.pop(key)
+        if graph is None or not graph.matches(hidden, positions, mask, prompts):
+            grad_hidden, grad_prompts, _ = self.span_backward(
+                start, end, hidden, positions, mask, grad_output, prompts
+            )
+            return grad_hidden, grad_prompts
+        with torch.inference_mode(False), torch.enable_grad():
+            grads = torch.autograd.grad(
+                graph.output, graph.leaves, grad_output.to(graph.output.device, graph.output.dtype)
+            )
+        grad_prompts = None if prompts is None else grads[1].to("cpu", prompts.dtype)
+        return grads[0].to("cpu", hidden.dtype), grad_prompts
 
     def span_backward(
         self,
@@ -130,10 +177,10 @@ class TrainingBackend:
         """
         device, dtype = self.backend.device, self.backend.dtype
         with torch.inference_mode(False), torch.enable_grad():
-            leaves = [hidden.to(device, dtype).detach().requires_grad_(True)]
+            leaves = [hidden.to(device, dtype).detach().clone().requires_grad_(True)]
             if prompts is not None:
-                leaves.append(prompts.to(device, dtype).detach().requires_grad_(True))
-            extra_leaves = [t.to(device).detach().requires_grad_(True) for t in extra]
+                leaves.append(prompts.to(device, dtype).detach().clone().requires_grad_(True))
+            extra_leaves = [t.to(device).detach().clone().requires_grad_(True) for t in extra]
             context = extra_context(extra_leaves) if extra_context is not None else nullcontext()
             with context:
                 out = run_blocks(

@@ -129,7 +129,7 @@ class RequestHandler:
                 response = await asyncio.wait_for(lora_backward(self.training, own, request), self.request_timeout)
             else:
                 with self._use_adapter(peer, request.adapter, request.start, request.end):
-                    response = await asyncio.wait_for(serve(request), self.request_timeout)
+                    response = await asyncio.wait_for(serve(request, peer), self.request_timeout)
             await self._send(writer, response)
         elif isinstance(request, LoraUploadRequest):
             self._check_model(request.model)

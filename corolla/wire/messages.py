@@ -137,6 +137,9 @@ class TrainForwardRequest:
     attention_mask: torch.Tensor
     prompts: torch.Tensor | None
     adapter: str = ""  # as in ForwardRequest
+    #: a random id from a client that will call backward: the server may keep this forward's autograd graph
+    #: for the BackwardRequest naming the same id (see ``corolla.server.saved_graphs``); b"" = don't keep
+    graph_id: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ class BackwardRequest:
     grad_output: torch.Tensor
     prompts: torch.Tensor | None
     adapter: str = ""  # as in ForwardRequest; a client's own adapter gets its gradients back
+    #: the id of this span's TrainForwardRequest to this server, if any (its kept graph saves a recomputation)
+    graph_id: bytes = b""
 
 
 @dataclass(frozen=True)

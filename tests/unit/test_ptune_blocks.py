@@ -117,3 +117,44 @@ def test_row_chunks(monkeypatch):
     assert [s.stop - s.start for s in remote_autograd._row_slices(hidden, 64 << 20)] == [2] * 5
     row_bytes = 6 * 64 * 4
     assert len(remote_autograd._row_slices(hidden, 4 * row_bytes)) == 10  # one row per message
+
+
+def test_kept_graph_gives_the_recomputed_gradients(stack):
+    hidden, prompts, positions, mask = _inputs(4)
+    grad_out = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(5))
+    backend = types.SimpleNamespace(stack=stack, device=torch.device("cpu"), dtype=torch.float32)
+    training = TrainingBackend(backend, max_batch_size=8, max_length=64)
+    key = ("client", b"id")
+    with torch.inference_mode():  # as on the compute worker
+        out = training._forward(1, 5, hidden, positions, mask, prompts[1:5], key)
+        assert len(training.graphs) == 1 and not out.requires_grad
+        kept = training._backward(key, 1, 5, hidden, positions, mask, grad_out, prompts[1:5])
+        assert len(training.graphs) == 0  # used once
+        recomputed = training._backward(key, 1, 5, hidden, positions, mask, grad_out, prompts[1:5])
+        # other inputs under the same key: the kept graph is not used
+        training._forward(1, 5, hidden, positions, mask, prompts[1:5], key)
+        other = training._backward(key, 1, 5, hidden + 1, positions, mask, grad_out, prompts[1:5])
+        fresh = training._backward(None, 1, 5, hidden + 1, positions, mask, grad_out, prompts[1:5])
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(other, fresh):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_saved_graphs_are_bounded_and_expire(monkeypatch):
+    from corolla.server import saved_graphs
+    from corolla.server.saved_graphs import SavedGraph, SavedGraphs
+
+    graphs = SavedGraphs(max_bytes=100, max_graphs=3, ttl=10.0)
+    make = lambda n: SavedGraph((), torch.zeros(1), [], n, 0.0)  # noqa: E731
+    assert not graphs.put(("a", b"big"), make(101))
+    for i in range(3):
+        assert graphs.put(("a", bytes([i])), make(40))
+    assert len(graphs) == 2 and graphs.nbytes == 80  # the oldest made room
+    assert graphs.pop(("a", b"\x00")) is None and graphs.pop(("b", b"\x02")) is None  # evicted; another client's
+    for i in range(4):
+        graphs.put(("c", bytes([i])), make(1))
+    assert len(graphs) == 3  # at most max_graphs
+    now = saved_graphs.time.monotonic()
+    monkeypatch.setattr(saved_graphs.time, "monotonic", lambda: now + 11)
+    assert graphs.pop(("c", b"\x03")) is None and len(graphs) == 0 and graphs.nbytes == 0
