@@ -89,7 +89,8 @@ def test_health_lists_every_model_of_the_swarm_without_being_told(shared_swarm, 
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, proc.log_path.read_text()[-3000:]
     doc = json.loads(out)
-    (model,) = doc["models"]
+    models = {m["dht_prefix"]: m for m in doc["models"]}  # other tests may serve other models on this swarm
+    model = models["tiny-llama"]
     # the block count comes from the directory, not inferred from the records
-    assert model["dht_prefix"] == "tiny-llama" and model["num_blocks"] == 8 and not model["num_blocks_inferred"]
-    assert {s["name"] for s in model["servers"]} == set(SERVERS)
+    assert model["num_blocks"] == 8 and not model["num_blocks_inferred"]
+    assert set(SERVERS) <= {s["name"] for s in model["servers"]}
