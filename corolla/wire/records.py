@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: probe, training, adapter and LoRA messages; ServerInfo throughput fields
 MAX_RECORD_BYTES = 16 * 1024
 
 
