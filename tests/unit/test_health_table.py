@@ -13,7 +13,7 @@ from corolla.cli.health_table import (
     server_rows,
 )
 from corolla.monitor.state import model_state
-from corolla.wire.records import ServerInfo, ServerState
+from corolla.wire.records import WIRE_VERSION, ServerInfo, ServerState
 
 PEER_A = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAaaaa1111"
 PEER_B = "12D3KooWBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBbbbb2222"
@@ -59,7 +59,7 @@ def test_gaps_counts_and_rows():
     assert lines[3].endswith("1 server:  0-1, 4-5")
     alpha = next(line for line in lines if line.strip().startswith("alpha")).split()
     assert alpha[: len(COLUMNS)] == [
-        "alpha", "[0:4)", "online", "123.5", "2.1", "8192", "0.1.0", "1", "bfloat16", "nf4", "lora-a,lora-b",
+        "alpha", "[0:4)", "online", "123.5", "2.1", "8192", "0.1.0", str(WIRE_VERSION), "bfloat16", "nf4", "lora-a,lora-b",
         "direct",
     ]  # fmt: skip
     beta = next(line for line in lines if line.strip().startswith("beta")).split()
