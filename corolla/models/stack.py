@@ -9,6 +9,7 @@ This is what a server hosts. Public API::
     stack.cache_bytes_per_token() -> int             # one block, k + v, in the stack's dtype
     stack.allocate_cache(batch, max_length, blocks=None) -> list[LayerCache]   # zeroed, one per block
     stack(hidden, positions, attention_mask, caches=None, offset=0, blocks=None) -> hidden
+    stack.quant_type                                 # "none", or what `corolla.models.quant` applied
 
 Forward semantics (`hidden` [B, T, H] in the stack's dtype; `positions` [B, T] absolute position ids
 of these T tokens; `attention_mask` [B, offset + T], True (or 1) = real token, False = padding, for
