@@ -14,6 +14,8 @@ With ``tuning_mode`` the prompts and the score head train; the embeddings and no
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import (
@@ -103,8 +105,6 @@ class DistributedModelForSequenceClassification(PreTrainedModel):
                 f"{cls.__name__} is for model_type {expected!r}, the checkpoint is {config.model_type!r}; "
                 "use AutoDistributedModelForSequenceClassification"
             )
-        for name, value in overrides.items():
-            setattr(config, name, value)
         if chain is None:
             from corolla.client.sequence_manager import RemoteSequenceManager
 
@@ -117,6 +117,10 @@ class DistributedModelForSequenceClassification(PreTrainedModel):
             )
         elif options:
             raise TypeError(f"unexpected options with an explicit chain: {', '.join(sorted(options))}")
+        # after connecting: the label settings are the client's, not part of the served model's config hash
+        config = copy.deepcopy(config)
+        for name, value in overrides.items():
+            setattr(config, name, value)
         model = cls(config, head, chain, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len)
         checkpoint = Checkpoint(ref, revision=revision, token=token)
         if "score.weight" in checkpoint.weight_map:

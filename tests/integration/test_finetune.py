@@ -18,6 +18,7 @@ from swarm_harness import Swarm
 from transformers import LlamaForCausalLM
 
 from corolla.client import remote_autograd
+from corolla.client.classification import AutoDistributedModelForSequenceClassification
 from corolla.client.local_chain import LocalChain
 from corolla.client.model import AutoDistributedModelForCausalLM
 from corolla.client.remote_autograd import chain_forward
@@ -149,6 +150,31 @@ def test_prompt_tuning_steps_equal_local_and_generation(shared_swarm, tiny_llama
         remote.shutdown()
 
 
+def test_classifier_step_equals_local(shared_swarm, tiny_llama):
+    stack = BlockStack.load(str(tiny_llama), 0, 8, dtype=torch.float32, progress=False)
+    options = dict(num_labels=3, tuning_mode="deep_ptune", pre_seq_len=K)
+    local = AutoDistributedModelForSequenceClassification.from_pretrained(
+        tiny_llama, chain=LocalChain(stack), **options
+    )
+    remote = AutoDistributedModelForSequenceClassification.from_pretrained(
+        tiny_llama, initial_peers=shared_swarm.initial_peers, **options
+    )
+    try:
+        remote.load_state_dict(local.state_dict())
+        ids = torch.randint(3, 320, (3, 6), generator=torch.Generator().manual_seed(8))
+        ids[0, 4:] = 0  # right padding: pooled at the last real token
+        labels = torch.tensor([0, 2, 1])
+        for model in (local, remote):
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+            model(ids, attention_mask=(ids != 0).long(), labels=labels).loss.backward()
+            optimizer.step()
+        for (name, a), b in zip(remote.named_parameters(), local.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+        assert remote.ptune.intermediate_prompt_embeddings.weight.grad.abs().sum() > 0
+    finally:
+        remote.shutdown()
+
+
 def test_bad_gradients_are_refused_and_the_server_keeps_serving(manager, shared_swarm):
     peer, run = shared_swarm.servers["s0"].peer_id, manager.bridge.run
     hidden, deep, positions, mask, _ = _batch(3)
@@ -165,6 +191,11 @@ def test_bad_gradients_are_refused_and_the_server_keeps_serving(manager, shared_
         backward(torch.randn(3, 6, 64), deep[:3])  # prompts for 3 blocks, span has 4
     with pytest.raises(BadRequestError, match="prompt tokens do not fit"):
         backward(torch.randn(3, 6, 64), torch.randn(4, 1, 7, 64))
+    with pytest.raises(BadRequestError, match="graph_id must be at most 64 bytes"):
+        request = BackwardRequest(
+            manager.model, 0, 4, hidden, positions, mask, torch.randn(3, 6, 64), None, graph_id=b"x" * 65
+        )
+        run(call(manager.node.p2p, peer, request, BackwardResponse, 30))
     with pytest.raises(BadRequestError, match="not within this server's blocks"):
         request = TrainForwardRequest(manager.model, 0, 6, hidden, positions, mask, None)
         run(call(manager.node.p2p, peer, request, ForwardResponse, 30))
