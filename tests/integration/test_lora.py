@@ -352,7 +352,7 @@ def test_server_killed_mid_step_is_replaced_and_gradients_unchanged(swarm, tiny_
         peft_model.get_input_embeddings().weight.requires_grad_(True)
         ids, mask = _batch(3)
         loss = model(ids, labels=ids).loss
-        assert len(set(used)) == 1  # one server hosts every block: one hop
+        # each chunk went to one of the two servers (each hosts every block); kill one that computed chunks
         victim = next(p for p in swarm.servers.values() if p.peer_id == used[0])
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait(30)
