@@ -33,6 +33,7 @@ Decisions:
 
 from __future__ import annotations
 
+import copy
 import threading
 from contextlib import contextmanager
 
@@ -315,7 +316,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids, attention_mask = session.history_with(input_ids, kwargs.pop("attention_mask", None))
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask
-            kwargs["use_cache"] = False
+            if kwargs.get("generation_config") is not None:  # transformers warns about kwargs beside a config
+                kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+                kwargs["generation_config"].use_cache = False
+            else:
+                kwargs["use_cache"] = False
             with self._using_session(session, full_history=True if input_ids is not None else None):
                 result = super().generate(input_ids, *args, **kwargs)
             if input_ids is not None:
