@@ -30,9 +30,13 @@ class LocalChainSession:
             raise ValueError(f"session max_length {self.max_length} exceeded ({end} tokens)")
         self._valid[:, self._position : end] = attention_mask
         with torch.inference_mode():
-            out = self.stack(hidden, positions, self._valid[:, :end], self._caches, self._position)
+            out = self._run(hidden, positions, self._valid[:, :end])
         self._position = end
         return out
+
+    def _run(self, hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The blocks over this step's tokens at the session's position (subclasses add per-block inputs)."""
+        return self.stack(hidden, positions, valid, self._caches, self._position)
 
     def close(self) -> None:
         self._caches = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from corolla.client.local_chain import LocalChainSession
 from corolla.models.deep_prompts import run_blocks
 
 __all__ = ["TUNING_MODES", "PromptTuning", "PromptedChainSession"]
@@ -150,34 +151,15 @@ class PromptedChainSession:
         self.inner.close()
 
 
-class _LocalDeepPromptSession:
+class _LocalDeepPromptSession(LocalChainSession):
     """The in-process counterpart of ``DeepPromptInferenceSession`` (unit tests, references)."""
 
     def __init__(self, stack, max_length: int, deep_prompts: torch.Tensor):
-        self.stack, self.max_length, self.deep_prompts = stack, max_length, deep_prompts
-        self._caches, self._valid, self._position = None, None, 0
+        super().__init__(stack, max_length)
+        self.deep_prompts = deep_prompts
 
-    @property
-    def position(self) -> int:
-        return self._position
-
-    def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        batch, tokens = hidden.shape[:2]
-        if self._caches is None:
-            self._caches = self.stack.allocate_cache(batch, self.max_length)
-            self._valid = torch.zeros(batch, self.max_length, dtype=torch.bool)
-        end = self._position + tokens
-        if end > self.max_length:
-            raise ValueError(f"session max_length {self.max_length} exceeded ({end} tokens)")
-        self._valid[:, self._position : end] = attention_mask
+    def _run(self, hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         blocks = (self.stack.start, self.stack.end)
-        with torch.inference_mode():
-            out = run_blocks(
-                self.stack, blocks, hidden, positions, self._valid[:, :end], self.deep_prompts, self._caches,
-                self._position,
-            )  # fmt: skip
-        self._position = end
-        return out
-
-    def close(self) -> None:
-        self._caches = None
+        return run_blocks(
+            self.stack, blocks, hidden, positions, valid, self.deep_prompts, self._caches, self._position
+        )
