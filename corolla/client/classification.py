@@ -31,7 +31,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from corolla.client.chain import RemoteChain
-from corolla.client.model import RemoteDecoderModel, _resolve_dtype
+from corolla.client.model import RemoteDecoderModel, _resolve_dtype, auto_from_pretrained
 from corolla.client.ptune import PromptTuning
 from corolla.client.remote_sequential import RemoteSequential
 from corolla.models.checkpoint import Checkpoint, default_dht_prefix
@@ -242,14 +242,7 @@ class AutoDistributedModelForSequenceClassification:
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, *, revision=None, token=None, **kwargs):
-        model_type = Checkpoint(str(model_name_or_path), revision=revision, token=token).raw_config.get(
-            "model_type"
-        )
-        if model_type not in CLASSIFIER_CLASSES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} has no distributed classifier class; supported: "
-                f"{', '.join(sorted(CLASSIFIER_CLASSES))}"
-            )
-        return CLASSIFIER_CLASSES[model_type].from_pretrained(
-            model_name_or_path, revision=revision, token=token, **kwargs
-        )
+        return auto_from_pretrained(
+            CLASSIFIER_CLASSES, "distributed classifier", model_name_or_path, revision=revision, token=token,
+            **kwargs,
+        )  # fmt: skip

@@ -406,16 +406,21 @@ class AutoDistributedModelForCausalLM:
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, *, revision=None, token=None, **kwargs):
-        model_type = Checkpoint(str(model_name_or_path), revision=revision, token=token).raw_config.get(
-            "model_type"
+        return auto_from_pretrained(
+            MODEL_CLASSES, "distributed model", model_name_or_path, revision=revision, token=token, **kwargs
         )
-        if model_type not in MODEL_CLASSES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} has no distributed model class; supported: {', '.join(sorted(MODEL_CLASSES))}"
-            )
-        return MODEL_CLASSES[model_type].from_pretrained(
-            model_name_or_path, revision=revision, token=token, **kwargs
+
+
+def auto_from_pretrained(
+    classes: dict, what: str, model_name_or_path: str, *, revision=None, token=None, **kwargs
+):
+    """`classes[model_type].from_pretrained(...)` for the checkpoint's `model_type`, or a clear error."""
+    model_type = Checkpoint(str(model_name_or_path), revision=revision, token=token).raw_config.get("model_type")
+    if model_type not in classes:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} has no {what} class; supported: {', '.join(sorted(classes))}"
         )
+    return classes[model_type].from_pretrained(model_name_or_path, revision=revision, token=token, **kwargs)
 
 
 def _tied_lm_head(embed_tokens: nn.Embedding) -> nn.Linear:
