@@ -31,12 +31,12 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from corolla.client.chain import RemoteChain
-from corolla.client.model import RemoteDecoderModel, _resolve_dtype, auto_from_pretrained
+from corolla.client.model import RemoteDecoderModel, auto_from_pretrained, load_client
 from corolla.client.ptune import PromptTuning
 from corolla.client.remote_sequential import RemoteSequential
-from corolla.models.checkpoint import Checkpoint, default_dht_prefix
+from corolla.models.checkpoint import Checkpoint
 from corolla.models.client_head import ClientHead
-from corolla.models.registry import UnsupportedModelError, supported_model_types
+from corolla.models.registry import supported_model_types
 
 __all__ = [
     "AutoDistributedModelForSequenceClassification",
@@ -50,7 +50,6 @@ __all__ = [
     "DistributedQwen3ForSequenceClassification",
 ]
 
-_IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "device_map", "trust_remote_code", "use_safetensors")
 _CONFIG_OPTIONS = ("num_labels", "id2label", "label2id", "problem_type")
 
 
@@ -90,33 +89,14 @@ class DistributedModelForSequenceClassification(PreTrainedModel):
     ) -> DistributedModelForSequenceClassification:
         """Load the client's part and connect to the swarm (or `chain`); `num_labels=`, `id2label=`,
         `label2id=`, `problem_type=` override the config, as in transformers."""
-        for name in _IGNORED_HF_OPTIONS:
-            options.pop(name, None)
-        token = options.pop("use_auth_token", token)
         overrides = {name: options.pop(name) for name in _CONFIG_OPTIONS if name in options}
-        ref = str(model_name_or_path)
-        dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, ref, revision, token)
-        head = ClientHead.load(ref, dtype=dtype, revision=revision, token=token, progress=False)
+        ref, dtype, token, head, chain = load_client(
+            cls, "AutoDistributedModelForSequenceClassification", model_name_or_path, initial_peers=initial_peers,
+            dht_prefix=dht_prefix, dtype=dtype if dtype is not None else torch_dtype, revision=revision, token=token,
+            chain=chain, options=options, progress=False,
+        )  # fmt: skip
         head.lm_head = None  # a classifier has no LM head
         config = head.config
-        expected = getattr(cls.config_class, "model_type", None)
-        if expected and config.model_type != expected:
-            raise UnsupportedModelError(
-                f"{cls.__name__} is for model_type {expected!r}, the checkpoint is {config.model_type!r}; "
-                "use AutoDistributedModelForSequenceClassification"
-            )
-        if chain is None:
-            from corolla.client.sequence_manager import RemoteSequenceManager
-
-            chain = RemoteSequenceManager.from_pretrained_args(
-                model_ref=ref,
-                config=config,
-                initial_peers=initial_peers,
-                dht_prefix=dht_prefix if dht_prefix is not None else default_dht_prefix(ref),
-                **options,
-            )
-        elif options:
-            raise TypeError(f"unexpected options with an explicit chain: {', '.join(sorted(options))}")
         # after connecting: the label settings are the client's, not part of the served model's config hash
         config = copy.deepcopy(config)
         for name, value in overrides.items():

@@ -109,6 +109,43 @@ class RemoteDecoderModel(nn.Module):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
 
 
+def load_client(
+    cls, auto_name: str, model_name_or_path, *, initial_peers, dht_prefix, dtype, revision, token, chain, options,
+    progress: bool = True,
+):  # fmt: skip
+    """What every distributed model class loads: the client head (checked against ``cls``) and its chain.
+
+    Returns ``(ref, dtype, token, head, chain)``; ``options`` (what is left of the caller's keyword arguments)
+    configure the sequence manager, or must be empty when ``chain`` is given.
+    """
+    for name in _IGNORED_HF_OPTIONS:
+        options.pop(name, None)
+    token = options.pop("use_auth_token", token)
+    ref = str(model_name_or_path)
+    dtype = _resolve_dtype(dtype, ref, revision, token)
+    head = ClientHead.load(ref, dtype=dtype, revision=revision, token=token, progress=progress)
+    config = head.config
+    expected = getattr(cls.config_class, "model_type", None)
+    if expected and config.model_type != expected:
+        raise UnsupportedModelError(
+            f"{cls.__name__} is for model_type {expected!r}, the checkpoint is {config.model_type!r}; "
+            f"use {auto_name}"
+        )
+    if chain is None:
+        from corolla.client.sequence_manager import RemoteSequenceManager
+
+        chain = RemoteSequenceManager.from_pretrained_args(
+            model_ref=ref,
+            config=config,
+            initial_peers=initial_peers,
+            dht_prefix=dht_prefix if dht_prefix is not None else default_dht_prefix(ref),
+            **options,
+        )
+    elif options:
+        raise TypeError(f"unexpected options with an explicit chain: {', '.join(sorted(options))}")
+    return ref, dtype, token, head, chain
+
+
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     """A causal LM whose blocks run on a `RemoteChain`; generation is transformers' `generate`."""
 
@@ -146,38 +183,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         `tuning_mode="ptune"` / `"deep_ptune"` with `pre_seq_len=K` adds K trainable prompts (see
         `corolla.client.ptune`).
         """
-        for name in _IGNORED_HF_OPTIONS:
-            client_options.pop(name, None)
-        token = client_options.pop("use_auth_token", token)
-        ref = str(model_name_or_path)
-        dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, ref, revision, token)
-        head = ClientHead.load(ref, dtype=dtype, revision=revision, token=token)
+        ref, dtype, token, head, chain = load_client(
+            cls, "AutoDistributedModelForCausalLM", model_name_or_path, initial_peers=initial_peers,
+            dht_prefix=dht_prefix, dtype=dtype if dtype is not None else torch_dtype, revision=revision, token=token,
+            chain=chain, options=client_options,
+        )  # fmt: skip
         config = head.config
-        cls._check_model_type(config)
-        if chain is None:
-            from corolla.client.sequence_manager import RemoteSequenceManager
-
-            chain = RemoteSequenceManager.from_pretrained_args(
-                model_ref=ref,
-                config=config,
-                initial_peers=initial_peers,
-                dht_prefix=dht_prefix if dht_prefix is not None else default_dht_prefix(ref),
-                **client_options,
-            )
-        elif client_options:
-            raise TypeError(f"unexpected options with an explicit chain: {', '.join(sorted(client_options))}")
         model = cls(config, head, chain, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len)
         model.generation_config = _load_generation_config(ref, config, revision, token)
         return model.eval()
-
-    @classmethod
-    def _check_model_type(cls, config) -> None:
-        expected = getattr(cls.config_class, "model_type", None)
-        if expected and config.model_type != expected:
-            raise UnsupportedModelError(
-                f"{cls.__name__} is for model_type {expected!r}, the checkpoint is {config.model_type!r}; "
-                "use AutoDistributedModelForCausalLM"
-            )
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
