@@ -32,13 +32,13 @@ import math
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from corolla.client.remote_autograd import SpanExtras, _backward_all, _call, _forward_all
 from corolla.models.lora import (
     LoraAdapter,
     fuse_weights,
@@ -54,13 +54,11 @@ from corolla.wire.errors import ChainFailedError, UnknownAdapterError
 from corolla.wire.messages import (
     BackwardRequest,
     BackwardResponse,
-    ForwardResponse,
     LoraReleaseRequest,
     LoraReleaseResponse,
     LoraTensors,
     LoraUploadRequest,
     LoraUploadResponse,
-    TrainForwardRequest,
 )
 
 logger = logging.getLogger(__name__)
@@ -381,7 +379,9 @@ class LoraBlocksFunction(torch.autograd.Function):
         manager, lora = chain.chain, chain.lora
         name = lora.current_name()
         out, chunks = manager.bridge.run(
-            _forward_all(manager, lora, name, hidden.detach(), positions, mask, start, end)
+            _forward_all(
+                manager, hidden.detach(), positions, mask, None, start, end, extras=_LoraExtras(lora, name)
+            )
         )
         ctx.chain, ctx.chunks, ctx.name, ctx.span = chain, chunks, name, (start, end)
         ctx.hidden_dtype = hidden.dtype
@@ -390,8 +390,9 @@ class LoraBlocksFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         manager, lora = ctx.chain.chain, ctx.chain.lora
-        grad_hidden, grads = manager.bridge.run(
-            _backward_all(manager, lora, ctx.name, ctx.chunks, grad_output.contiguous())
+        extras = _LoraExtras(lora, ctx.name)
+        grad_hidden, _, grads = manager.bridge.run(
+            _backward_all(manager, ctx.chunks, grad_output.contiguous(), None, ctx.span[0], extras)
         )
         ctx.chunks = None  # free the saved span inputs
         start, end = ctx.span
@@ -407,128 +408,30 @@ class LoraBlocksFunction(torch.autograd.Function):
 # --- the async work, on the client's network loop ----------------------------------------------------------
 
 
-@dataclass
-class _Span:
-    start: int
-    end: int
-    inputs: torch.Tensor
-    peer: str | None
+class _LoraExtras(SpanExtras):
+    """The client's LoRA on the training path of :mod:`corolla.client.remote_autograd`: uploaded to each server
+    before its requests, named in them, and its A/B gradients collected from each backward."""
 
+    keep_graphs = False
 
-@dataclass
-class _Chunk:
-    rows: slice
-    positions: torch.Tensor
-    mask: torch.Tensor
-    spans: list[_Span] = field(default_factory=list)
+    def __init__(self, lora: RemoteLora, name: str):
+        self.lora, self.adapter = lora, name
 
+    async def before_call(self, manager, peer: str, start: int, end: int) -> None:
+        await self.lora.ensure_uploaded(manager, peer, start, end, self.adapter)
 
-def _row_slices(hidden: torch.Tensor, max_bytes: int) -> list[slice]:
-    """Rows per chunk: a backward request carries inputs and gradients, so a quarter of a message each, at
-    most CHUNK_TOKENS tokens, and at least PIPELINE_CHUNKS chunks when the batch has the rows: chunks run
-    concurrently, so the servers of a chain work on different chunks at once instead of waiting in turn."""
-    batch, tokens = hidden.shape[:2]
-    row_bytes = max(1, hidden[0].numel() * hidden.element_size())
-    rows = max(1, min(max_bytes // 4 // row_bytes, CHUNK_TOKENS // max(1, tokens), -(-batch // PIPELINE_CHUNKS)))
-    return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
+    def note_failure(self, manager, peer: str, error: BaseException, failures: int) -> None:
+        """A server that lost our upload (expired, restarted) gets it again; anything else: the manager's policy."""
+        self.lora.forget(peer)
+        if isinstance(error, UnknownAdapterError):
+            limit = manager.config.max_retries
+            if limit is not None and failures > limit:
+                raise ChainFailedError(f"server {peer} kept losing this client's adapter: {error}") from error
+            return
+        manager.note_failure(peer, error, failures)
 
-
-async def _gather(coros) -> list:
-    """Run ``coros`` concurrently; the first error cancels the rest and propagates."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in tasks:
-            if task.done() and task.exception() is not None:
-                raise task.exception()
-        return [t.result() for t in tasks]
-    finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-
-
-def _note_failure(manager, lora: RemoteLora, peer: str, error: BaseException, failures: int) -> None:
-    """A server that lost our upload (expired, restarted) gets it again; anything else: the manager's policy."""
-    lora.forget(peer)
-    if isinstance(error, UnknownAdapterError):
-        limit = manager.config.max_retries
-        if limit is not None and failures > limit:
-            raise ChainFailedError(f"server {peer} kept losing this client's adapter: {error}") from error
-        return
-    manager.note_failure(peer, error, failures)
-
-
-async def _forward_all(manager, lora, name, hidden, positions, mask, start: int, end: int):
-    chunks = [
-        _Chunk(rows, positions[rows], mask[rows]) for rows in _row_slices(hidden, manager.config.max_message_bytes)
-    ]
-    outputs = await _gather(
-        _forward_span(manager, lora, name, hidden[c.rows], c, start, end, c.spans) for c in chunks
-    )
-    return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]), chunks
-
-
-async def _forward_span(manager, lora, name, x, chunk: _Chunk, start: int, end: int, spans: list[_Span]):
-    """Blocks [start, end) over ``x`` with the client's LoRA, hop by hop, recording each hop's inputs."""
-    block, failures, dtype = start, 0, x.dtype
-    while block < end:
-        hop = (await manager.make_route(block, end, mode="max_throughput"))[0]
-        try:
-            await lora.ensure_uploaded(manager, hop.peer_id, hop.start, hop.end, name)
-            request = TrainForwardRequest(
-                manager.model, hop.start, hop.end, x, chunk.positions, chunk.mask, None, adapter=name
-            )
-            response = await _call(manager, hop.peer_id, request, ForwardResponse)
-        except Exception as e:
-            failures += 1
-            _note_failure(manager, lora, hop.peer_id, e, failures)
-            continue
-        spans.append(_Span(hop.start, hop.end, x, hop.peer_id))
-        x, block = response.hidden.to(dtype), hop.end
-    return x
-
-
-async def _backward_all(manager, lora, name, chunks: list[_Chunk], grad_output):
-    results = await _gather(_backward_chunk(manager, lora, name, c, grad_output[c.rows]) for c in chunks)
-    grad_hidden = torch.cat([g for g, _ in results]) if len(results) > 1 else results[0][0]
-    total: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for _, grads in results:
-        for key, (ga, gb) in grads.items():
-            total[key] = (total[key][0] + ga, total[key][1] + gb) if key in total else (ga, gb)
-    return grad_hidden, total
-
-
-async def _backward_chunk(manager, lora, name, chunk: _Chunk, grad: torch.Tensor):
-    grads: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    todo, failures = list(chunk.spans), 0
-    while todo:
-        span = todo.pop()
-        if span.peer is None or manager.is_banned(span.peer):
-            route = await manager.make_route(span.start, span.end, mode="max_throughput")
-            if len(route) > 1:  # no single usable server covers the span now: recompute its inner inputs
-                inner: list[_Span] = []
-                await _forward_span(manager, lora, name, span.inputs, chunk, span.start, span.end, inner)
-                todo.extend(inner)
-                continue
-            span.peer = route[0].peer_id
-        try:
-            await lora.ensure_uploaded(manager, span.peer, span.start, span.end, name)
-            request = BackwardRequest(
-                manager.model, span.start, span.end, span.inputs, chunk.positions, chunk.mask,
-                grad.to(span.inputs.dtype), None, adapter=name,
-            )  # fmt: skip
-            response = await _call(manager, span.peer, request, BackwardResponse)
-            span_grads = _lora_grads(response, request, lora)
-        except Exception as e:
-            failures += 1
-            _note_failure(manager, lora, span.peer, e, failures)
-            span.peer = None
-            todo.append(span)
-            continue
-        grad = response.grad_hidden.to(grad.dtype)
-        grads.update(span_grads)
-    return grad, grads
+    def span_grads(self, response: BackwardResponse, request: BackwardRequest) -> dict:
+        return _lora_grads(response, request, self.lora)
 
 
 def _lora_grads(response: BackwardResponse, request: BackwardRequest, lora: RemoteLora) -> dict:
@@ -542,12 +445,3 @@ def _lora_grads(response: BackwardResponse, request: BackwardRequest, lora: Remo
         if ga.shape != a.shape or gb.shape != b.shape:
             raise ValueError(f"the server answered LoRA gradients of the wrong shape for block {block} {name}")
     return got
-
-
-async def _call(manager, peer: str, request, expected: type):
-    from corolla.swarm.transport import call  # the network stack loads only with a swarm chain
-
-    return await call(
-        manager.node.p2p, peer, request, expected, manager.config.request_timeout,
-        max_bytes=manager.config.max_message_bytes,
-    )  # fmt: skip

@@ -43,7 +43,7 @@ from corolla.wire.messages import (
     TrainForwardRequest,
 )
 
-__all__ = ["CHUNK_TOKENS", "PIPELINE_CHUNKS", "RemoteBlocksFunction", "chain_forward"]
+__all__ = ["CHUNK_TOKENS", "PIPELINE_CHUNKS", "RemoteBlocksFunction", "SpanExtras", "chain_forward"]
 
 #: Most tokens (rows x sequence length) in one chunk of a training forward/backward.
 CHUNK_TOKENS = 8192
@@ -98,7 +98,7 @@ class RemoteBlocksFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_prompts = ctx.manager.bridge.run(
+        grad_hidden, grad_prompts, _ = ctx.manager.bridge.run(
             _backward_all(ctx.manager, ctx.chunks, grad_output.contiguous(), ctx.prompts, ctx.start)
         )
         return grad_hidden.to(ctx.hidden_dtype), grad_prompts, None, None, None, None, None
@@ -128,7 +128,34 @@ class _Chunk:
     spans: list[_Span]
 
 
+class SpanExtras:
+    """Per-span trainable tensors beyond deep prompts, e.g. a client's LoRA (``corolla.client.lora``).
+
+    The base class adds nothing. A subclass names the ``adapter`` its requests use, prepares a server
+    before a request (``before_call``: e.g. upload weights), may handle failures itself (``note_failure``),
+    and checks and returns the extra gradients of a backward response (``span_grads``: a dict merged over
+    spans and summed over chunks).
+    """
+
+    adapter: str = ""
+    keep_graphs: bool = True
+
+    async def before_call(self, manager, peer: str, start: int, end: int) -> None:
+        pass
+
+    def note_failure(self, manager, peer: str, error: BaseException, failures: int) -> None:
+        manager.note_failure(peer, error, failures)
+
+    def span_grads(self, response: BackwardResponse, request: BackwardRequest) -> dict:
+        return {}
+
+
+NO_EXTRAS = SpanExtras()
+
+
 def _row_slices(hidden: torch.Tensor, max_bytes: int) -> list[slice]:
+    """Rows per chunk: a backward request carries inputs and gradients, so a quarter of a message each, at
+    most CHUNK_TOKENS tokens, and at least PIPELINE_CHUNKS chunks when the batch has the rows."""
     batch, tokens = hidden.shape[:2]
     row_bytes = max(1, hidden[0].numel() * hidden.element_size())
     rows = max(1, min(max_bytes // 4 // row_bytes, CHUNK_TOKENS // max(1, tokens), -(-batch // PIPELINE_CHUNKS)))
@@ -160,20 +187,25 @@ async def _gather(coros) -> list:
                 task.cancel()
 
 
-async def _forward_all(manager, hidden, positions, mask, prompts, start: int, end: int, keep_graphs: bool = True):
+async def _forward_all(
+    manager, hidden, positions, mask, prompts, start: int, end: int, keep_graphs: bool = True,
+    extras: SpanExtras = NO_EXTRAS,
+):  # fmt: skip
     chunks = [
         _Chunk(rows, positions[rows], mask[rows], _prompts_rows(prompts, rows), [])
         for rows in _row_slices(hidden, manager.config.max_message_bytes)
     ]
+    keep_graphs = keep_graphs and extras.keep_graphs
     outputs = await _gather(
-        _forward_span(manager, hidden[c.rows], c, start, start, end, c.spans, keep_graphs) for c in chunks
+        _forward_span(manager, hidden[c.rows], c, start, start, end, c.spans, keep_graphs, extras) for c in chunks
     )
     return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]), chunks
 
 
 async def _forward_span(
-    manager, x, chunk: _Chunk, base: int, start: int, end: int, spans: list[_Span], keep_graphs: bool = True
-):
+    manager, x, chunk: _Chunk, base: int, start: int, end: int, spans: list[_Span], keep_graphs: bool = True,
+    extras: SpanExtras = NO_EXTRAS,
+):  # fmt: skip
     """Blocks [start, end) over ``x``, hop by hop, appending each hop's inputs to ``spans``."""
     block, failures, dtype = start, 0, x.dtype
     while block < end:
@@ -181,31 +213,40 @@ async def _forward_span(
         graph_id = os.urandom(16) if keep_graphs else b""
         request = TrainForwardRequest(
             manager.model, hop.start, hop.end, x, chunk.positions, chunk.mask,
-            _span_prompts(chunk.prompts, base, hop.start, hop.end), graph_id=graph_id,
+            _span_prompts(chunk.prompts, base, hop.start, hop.end), graph_id=graph_id, adapter=extras.adapter,
         )  # fmt: skip
         try:
+            await extras.before_call(manager, hop.peer_id, hop.start, hop.end)
             response = await _call(manager, hop.peer_id, request, ForwardResponse)
         except Exception as e:
             failures += 1
-            manager.note_failure(hop.peer_id, e, failures)
+            extras.note_failure(manager, hop.peer_id, e, failures)
             continue
         spans.append(_Span(hop.start, hop.end, x, hop.peer_id, graph_id, hop.peer_id))
         x, block = response.hidden.to(dtype), hop.end
     return x
 
 
-async def _backward_all(manager, chunks: list[_Chunk], grad_output, prompts, base: int):
-    results = await _gather(_backward_chunk(manager, c, grad_output[c.rows], base) for c in chunks)
-    grad_hidden = torch.cat([g for g, _ in results]) if len(results) > 1 else results[0][0]
+async def _backward_all(
+    manager, chunks: list[_Chunk], grad_output, prompts, base: int, extras: SpanExtras = NO_EXTRAS
+):
+    """(grad of the chunks' inputs, grad of the deep prompts or None, extra grads summed over chunks)."""
+    results = await _gather(_backward_chunk(manager, c, grad_output[c.rows], base, extras) for c in chunks)
+    grad_hidden = torch.cat([g for g, _, _ in results]) if len(results) > 1 else results[0][0]
+    extra: dict = {}
+    for _, _, grads in results:
+        for key, value in grads.items():
+            extra[key] = tuple(a + b for a, b in zip(extra[key], value)) if key in extra else value
     if prompts is None:
-        return grad_hidden, None
-    grads = [gp for _, gp in results]
+        return grad_hidden, None, extra
+    grads = [gp for _, gp, _ in results]
     grad_prompts = sum(grads[1:], grads[0]) if prompts.shape[1] == 1 else torch.cat(grads, dim=1)
-    return grad_hidden, grad_prompts
+    return grad_hidden, grad_prompts, extra
 
 
-async def _backward_chunk(manager, chunk: _Chunk, grad: torch.Tensor, base: int):
+async def _backward_chunk(manager, chunk: _Chunk, grad: torch.Tensor, base: int, extras: SpanExtras = NO_EXTRAS):
     grad_prompts = None if chunk.prompts is None else torch.zeros_like(chunk.prompts)
+    extra: dict = {}
     todo, failures = list(chunk.spans), 0
     while todo:
         span = todo.pop()
@@ -213,28 +254,33 @@ async def _backward_chunk(manager, chunk: _Chunk, grad: torch.Tensor, base: int)
             route = await manager.make_route(span.start, span.end, mode="max_throughput")
             if len(route) > 1:  # no single usable server covers this span now: recompute its inner inputs
                 inner: list[_Span] = []
-                await _forward_span(manager, span.inputs, chunk, base, span.start, span.end, inner)
+                await _forward_span(
+                    manager, span.inputs, chunk, base, span.start, span.end, inner, extras.keep_graphs, extras
+                )
                 todo.extend(inner)
                 continue
             span.peer = route[0].peer_id
         request = BackwardRequest(
             manager.model, span.start, span.end, span.inputs, chunk.positions, chunk.mask,
             grad.to(span.inputs.dtype), _span_prompts(chunk.prompts, base, span.start, span.end),
-            graph_id=span.graph_id if span.peer == span.graph_peer else b"",
+            graph_id=span.graph_id if span.peer == span.graph_peer else b"", adapter=extras.adapter,
         )  # fmt: skip
         try:
+            await extras.before_call(manager, span.peer, span.start, span.end)
             response = await _call(manager, span.peer, request, BackwardResponse)
             _check_grads(response, request)
+            span_grads = extras.span_grads(response, request)
         except Exception as e:
             failures += 1
-            manager.note_failure(span.peer, e, failures)
+            extras.note_failure(manager, span.peer, e, failures)
             span.peer = None
             todo.append(span)
             continue
         grad = response.grad_hidden.to(grad.dtype)
+        extra.update(span_grads)
         if grad_prompts is not None:
             grad_prompts[span.start - base : span.end - base] += response.grad_prompts.to(grad_prompts.dtype)
-    return grad, grad_prompts
+    return grad, grad_prompts, extra
 
 
 def _check_grads(response: BackwardResponse, request: BackwardRequest) -> None:

@@ -332,17 +332,18 @@ def test_server_killed_mid_step_is_replaced_and_gradients_unchanged(swarm, tiny_
     import os
     import signal
 
-    import corolla.client.lora as client_lora
+    import corolla.client.remote_autograd as remote_autograd
+    from corolla.wire.messages import TrainForwardRequest
 
     used: list[str] = []
-    real_call = client_lora._call
+    real_call = remote_autograd._call
 
     async def recording_call(manager, peer, request, expected):
-        if isinstance(request, client_lora.TrainForwardRequest):
+        if isinstance(request, TrainForwardRequest):
             used.append(peer)
         return await real_call(manager, peer, request, expected)
 
-    monkeypatch.setattr(client_lora, "_call", recording_call)
+    monkeypatch.setattr(remote_autograd, "_call", recording_call)  # the training path's one call site
     peft_model, init = peft_init
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
     try:
