@@ -8,8 +8,9 @@ class, initial trainable parameters, batches and SGD optimizer) runs twice:
 - **local**: corolla's client model on an in-process ``LocalChain`` (the same blocks, frozen, no network),
   with the faster of 1 and 2 torch threads (one step each, measured before any server starts);
 - **swarm**: the client model on a swarm of 3 servers splitting the blocks (disjoint spans, 3 hops, each
-  ``--num_threads 1``), the client process with the local run's thread count (its head works while the servers wait); each server keeps a forward's autograd graph for
-  its backward (``corolla.server.saved_graphs``), so the swarm computes what the local run does.
+  ``--num_threads 1``), the client process with the local run's thread count (its head works while the
+  servers wait); each server keeps a forward's autograd graph for its backward
+  (``corolla.server.saved_graphs``), so the swarm computes what the local run does.
 
 The two runs alternate step by step (local, swarm, local, swarm, ...), so both see the same machine load. Each
 reports steps/s and tokens/s (batch x sequence per step) over ``--steps`` timed steps after one warm-up step,
