@@ -412,7 +412,7 @@ class _LoraExtras(SpanExtras):
     """The client's LoRA on the training path of :mod:`corolla.client.remote_autograd`: uploaded to each server
     before its requests, named in them, and its A/B gradients collected from each backward."""
 
-    keep_graphs = False
+    keep_graphs = True  # the server keeps each forward's graph over our LoRA for its backward
 
     def __init__(self, lora: RemoteLora, name: str):
         self.lora, self.adapter = lora, name

@@ -46,9 +46,14 @@ from corolla.models.lora import (
     use_adapter,
 )
 from corolla.models.stack import BlockStack
-from corolla.server.compute import PRIORITY_FORWARD
 from corolla.wire.errors import AdapterLimitError, BadRequestError, UnknownAdapterError
-from corolla.wire.messages import BackwardRequest, BackwardResponse, LoraTensors, LoraUploadRequest
+from corolla.wire.messages import (
+    BackwardRequest,
+    BackwardResponse,
+    LoraTensors,
+    LoraUploadRequest,
+    TrainForwardRequest,
+)
 
 if TYPE_CHECKING:
     from corolla.server.backward import TrainingBackend
@@ -354,16 +359,9 @@ def _check_pair(item: LoraTensors, in_features: int, out_features: int) -> None:
         )
 
 
-async def lora_backward(training: TrainingBackend, adapter: ClientAdapter, request: BackwardRequest):
-    """Backward over the span with the client's own LoRA pairs as trainable extras: their gradients too."""
-    training._check(request)  # the same checks as a plain backward (shapes, limits, prompts)
-    grad = request.grad_output
-    if tuple(grad.shape) != tuple(request.hidden.shape) or not grad.is_floating_point():
-        raise BadRequestError(
-            f"grad_output must be floating point with the shape of hidden {list(request.hidden.shape)}, "
-            f"got {grad.dtype} {list(grad.shape)}"
-        )
-    keys = [(block, target) for block in range(request.start, request.end) for target in adapter.weights[block]]
+def _client_extras(training: TrainingBackend, adapter: ClientAdapter, start: int, end: int):
+    """The client's LoRA pairs for blocks [start, end) as trainable extras, and the context that applies them."""
+    keys = [(block, target) for block in range(start, end) for target in adapter.weights[block]]
     extra = [t for block, target in keys for t in adapter.weights[block][target]]
     stack = training.backend.stack
 
@@ -373,9 +371,22 @@ async def lora_backward(training: TrainingBackend, adapter: ClientAdapter, reque
             weights.setdefault(block, {})[target] = (leaves[2 * i], leaves[2 * i + 1])
         return use_adapter(fuse_weights(weights, adapter.scale, stack.family, stack.config))
 
-    grad_hidden, grad_prompts, grads = await training.backend.worker.submit(
-        PRIORITY_FORWARD, training.span_backward, request.start, request.end, request.hidden, request.positions,
-        request.attention_mask, grad, request.prompts, extra, active,
-    )  # fmt: skip
+    return keys, extra, active
+
+
+async def lora_forward(training: TrainingBackend, adapter: ClientAdapter, request: TrainForwardRequest, peer: str):
+    """A training forward with the client's own LoRA whose graph (over the LoRA pairs too) is kept for the backward."""
+    _, extra, active = _client_extras(training, adapter, request.start, request.end)
+    return await training.forward(request, peer, extra, active)
+
+
+async def lora_backward(
+    training: TrainingBackend, adapter: ClientAdapter, request: BackwardRequest, peer: str = ""
+):
+    """Backward over the span with the client's own LoRA pairs as trainable extras: their gradients too.
+
+    Uses the graph its forward kept (:func:`lora_forward`) when the client names it, else recomputes."""
+    keys, extra, active = _client_extras(training, adapter, request.start, request.end)
+    grad_hidden, grad_prompts, grads = await training.backward_grads(request, peer, extra, active)
     pairs = tuple(LoraTensors(b, t, grads[2 * i], grads[2 * i + 1]) for i, (b, t) in enumerate(keys))
     return BackwardResponse(grad_hidden, grad_prompts, pairs)

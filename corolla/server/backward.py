@@ -8,7 +8,9 @@ A client fine-tunes a model whose blocks it does not hold: it sends each span's 
   recomputes the span's forward under autograd (activation recomputation, as in Petals), then takes
   ``torch.autograd.grad`` of it. As an optimisation, a forward that names a ``graph_id`` is run under
   autograd and its graph kept (bounded, expiring: :mod:`corolla.server.saved_graphs`); the backward
-  naming the same id from the same client, with the same inputs, uses it instead of recomputing.
+  naming the same id from the same client, with the same inputs, uses it instead of recomputing. With a
+  client's own trainables (its LoRA) the kept graph has them as leaves too, keyed by the adapter's name
+  (its version) as well.
 - **Frozen weights.** The hosted blocks' parameters have ``requires_grad=False`` (set by the backend);
   gradients are taken only with respect to the request's tensors, so nothing accumulates into or
   updates a weight, whatever a client sends.
@@ -95,21 +97,44 @@ class TrainingBackend:
             raise BadRequestError(f"graph_id must be at most 64 bytes, got {len(request.graph_id)}")
 
     @staticmethod
-    def _graph_key(request: TrainForwardRequest | BackwardRequest, peer: str) -> tuple[str, bytes] | None:
-        # graphs are kept only for the base model: an adapter's requests take their own paths
-        if not request.graph_id or getattr(request, "adapter", ""):
+    def _graph_key(
+        request: TrainForwardRequest | BackwardRequest, peer: str, extras: bool = False
+    ) -> tuple[str, bytes] | None:
+        """Graphs are kept for the base model and for a client's own trainable extras (its LoRA), keyed by
+        client, adapter and the forward's id; a served adapter's requests are recomputed."""
+        adapter = getattr(request, "adapter", "")
+        if not request.graph_id or (adapter and not extras):
             return None
-        return peer, request.graph_id
+        return f"{peer}/{adapter}", request.graph_id
 
-    async def forward(self, request: TrainForwardRequest, peer: str = "") -> ForwardResponse:
+    async def forward(
+        self,
+        request: TrainForwardRequest,
+        peer: str = "",
+        extra: Sequence[torch.Tensor] = (),
+        extra_context: ExtraContext | None = None,
+    ) -> ForwardResponse:
+        """The span's output; with a ``graph_id``, its autograd graph (over ``extra`` too) is kept for the backward."""
         self._check(request)
         out = await self.backend.worker.submit(
             PRIORITY_FORWARD, self._forward, request.start, request.end, request.hidden, request.positions,
-            request.attention_mask, request.prompts, self._graph_key(request, peer),
+            request.attention_mask, request.prompts, self._graph_key(request, peer, bool(extra)), extra,
+            extra_context,
         )  # fmt: skip
         return ForwardResponse(out)
 
     async def backward(self, request: BackwardRequest, peer: str = "") -> BackwardResponse:
+        grad_hidden, grad_prompts, _ = await self.backward_grads(request, peer)
+        return BackwardResponse(grad_hidden, grad_prompts)
+
+    async def backward_grads(
+        self,
+        request: BackwardRequest,
+        peer: str = "",
+        extra: Sequence[torch.Tensor] = (),
+        extra_context: ExtraContext | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """Gradients w.r.t. the span's inputs, deep prompts and ``extra``: from the kept graph, or recomputed."""
         self._check(request)
         grad = request.grad_output
         if tuple(grad.shape) != tuple(request.hidden.shape) or not grad.is_floating_point():
@@ -117,47 +142,63 @@ class TrainingBackend:
                 f"grad_output must be floating point with the shape of hidden {list(request.hidden.shape)}, "
                 f"got {grad.dtype} {list(grad.shape)}"
             )
-        grad_hidden, grad_prompts = await self.backend.worker.submit(
-            PRIORITY_FORWARD, self._backward, self._graph_key(request, peer), request.start, request.end,
-            request.hidden, request.positions, request.attention_mask, grad, request.prompts,
+        return await self.backend.worker.submit(
+            PRIORITY_FORWARD, self._backward, self._graph_key(request, peer, bool(extra)), request.start,
+            request.end, request.hidden, request.positions, request.attention_mask, grad, request.prompts, extra,
+            extra_context,
         )  # fmt: skip
-        return BackwardResponse(grad_hidden, grad_prompts)
 
-    def _forward(self, start, end, hidden, positions, mask, prompts, key) -> torch.Tensor:
+    def _forward(self, start, end, hidden, positions, mask, prompts, key, extra=(), extra_context=None):
         device, dtype = self.backend.device, self.backend.dtype
         if key is None:
-            out = run_blocks(
-                self.backend.stack, (start, end), hidden.to(device, dtype), positions.to(device), mask.to(device),
-                None if prompts is None else prompts.to(device, dtype),
-            )  # fmt: skip
+            context = extra_context(list(extra)) if extra_context is not None else nullcontext()
+            with context:
+                out = run_blocks(
+                    self.backend.stack, (start, end), hidden.to(device, dtype), positions.to(device),
+                    mask.to(device), None if prompts is None else prompts.to(device, dtype),
+                )  # fmt: skip
             return out.cpu()
         with torch.inference_mode(False), torch.enable_grad():  # keep the graph for the backward
             leaves = [hidden.to(device, dtype).detach().clone().requires_grad_(True)]
             if prompts is not None:
                 leaves.append(prompts.to(device, dtype).detach().clone().requires_grad_(True))
-            out = run_blocks(
-                self.backend.stack, (start, end), leaves[0], positions.to(device), mask.to(device),
-                leaves[1] if prompts is not None else None,
-            )  # fmt: skip
+            leaves += [t.to(device).detach().clone().requires_grad_(True) for t in extra]
+            context = (
+                extra_context(leaves[len(leaves) - len(extra) :]) if extra_context is not None else nullcontext()
+            )
+            with context:
+                out = run_blocks(
+                    self.backend.stack, (start, end), leaves[0], positions.to(device), mask.to(device),
+                    leaves[1] if prompts is not None else None,
+                )  # fmt: skip
         itemsize = torch.empty((), dtype=dtype).element_size()
         size = activation_bytes(self.backend.stack.config, hidden.shape[0] * hidden.shape[1], hidden.shape[1],
                                 end - start, itemsize)  # fmt: skip
         self.graphs.put(key, SavedGraph((hidden, positions, mask, prompts), out, leaves, size, 0.0))
         return out.detach().cpu()
 
-    def _backward(self, key, start, end, hidden, positions, mask, grad_output, prompts):
+    def _backward(
+        self, key, start, end, hidden, positions, mask, grad_output, prompts, extra=(), extra_context=None
+    ):
         graph = None if key is None else self.graphs.pop(key)
-        if graph is None or not graph.matches(hidden, positions, mask, prompts):
-            grad_hidden, grad_prompts, _ = self.span_backward(
-                start, end, hidden, positions, mask, grad_output, prompts
+        expected_leaves = 1 + (prompts is not None) + len(extra)
+        if (
+            graph is None
+            or len(graph.leaves) != expected_leaves
+            or not graph.matches(hidden, positions, mask, prompts)
+        ):
+            return self.span_backward(
+                start, end, hidden, positions, mask, grad_output, prompts, extra, extra_context
             )
-            return grad_hidden, grad_prompts
         with torch.inference_mode(False), torch.enable_grad():
             grads = torch.autograd.grad(
-                graph.output, graph.leaves, grad_output.to(graph.output.device, graph.output.dtype)
-            )
+                graph.output, graph.leaves, grad_output.to(graph.output.device, graph.output.dtype),
+                allow_unused=True,
+            )  # fmt: skip
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, graph.leaves)]
         grad_prompts = None if prompts is None else grads[1].to("cpu", prompts.dtype)
-        return grads[0].to("cpu", hidden.dtype), grad_prompts
+        first_extra = 1 + (prompts is not None)
+        return grads[0].to("cpu", hidden.dtype), grad_prompts, [g.cpu() for g in grads[first_extra:]]
 
     def span_backward(
         self,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 from corolla.models.lora import use_adapter
-from corolla.server.adapters import AdapterStore, lora_backward
+from corolla.server.adapters import AdapterStore, lora_backward, lora_forward
 from corolla.server.backend import BlockBackend
 from corolla.server.backward import TrainingBackend
 from corolla.server.memory_cache import MemoryCache
@@ -124,9 +124,17 @@ class RequestHandler:
             self._check_model(request.model)
             self._check_accepting()
             serve = self.training.forward if isinstance(request, TrainForwardRequest) else self.training.backward
-            own = self._client_adapter(peer, request) if isinstance(request, BackwardRequest) else None
-            if own is not None:  # the client's own LoRA: its gradients go back too
-                response = await asyncio.wait_for(lora_backward(self.training, own, request), self.request_timeout)
+            own = self._client_adapter(peer, request)
+            if own is not None and isinstance(
+                request, BackwardRequest
+            ):  # the client's LoRA: its grads go back too
+                response = await asyncio.wait_for(
+                    lora_backward(self.training, own, request, peer), self.request_timeout
+                )
+            elif own is not None and request.graph_id:  # keep the forward's graph over the client's LoRA
+                response = await asyncio.wait_for(
+                    lora_forward(self.training, own, request, peer), self.request_timeout
+                )
             else:
                 with self._use_adapter(peer, request.adapter, request.start, request.end):
                     response = await asyncio.wait_for(serve(request, peer), self.request_timeout)
@@ -205,7 +213,7 @@ class RequestHandler:
             raise UnknownAdapterError(f"adapter {name!r} is not served here (this server serves no adapters)")
         return use_adapter(self.adapters.resolve(peer, name, start, end))
 
-    def _client_adapter(self, peer: str, request: BackwardRequest):
+    def _client_adapter(self, peer: str, request: TrainForwardRequest | BackwardRequest):
         if not request.adapter or self.adapters is None:
             return None
         return self.adapters.client_weights(peer, request.adapter, request.start, request.end)

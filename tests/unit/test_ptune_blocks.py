@@ -158,3 +158,38 @@ def test_saved_graphs_are_bounded_and_expire(monkeypatch):
     now = saved_graphs.time.monotonic()
     monkeypatch.setattr(saved_graphs.time, "monotonic", lambda: now + 11)
     assert graphs.pop(("c", b"\x03")) is None and len(graphs) == 0 and graphs.nbytes == 0
+
+
+def test_kept_graph_with_extra_trainables_gives_their_gradients(stack):
+    """A client's own trainables (its LoRA) in a kept graph: the backward from the graph equals recomputing."""
+    hidden, _, positions, mask = _inputs(6)
+    grad_out = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(7))
+    backend = types.SimpleNamespace(stack=stack, device=torch.device("cpu"), dtype=torch.float32)
+    training = TrainingBackend(backend, max_batch_size=8, max_length=64)
+    scale = torch.tensor(0.75)
+
+    class Scaled:  # multiplies the span's input by the extra scalar while active
+        def __init__(self, leaves):
+            self.leaves = leaves
+
+        def __enter__(self):
+            self.handle = stack.layers[0].register_forward_pre_hook(
+                lambda m, args: (args[0] * self.leaves[0], *args[1:])
+            )
+
+        def __exit__(self, *exc):
+            self.handle.remove()
+
+    key = ("client/adapter-v1", b"id")
+    with torch.inference_mode():  # as on the compute worker
+        out = training._forward(0, 3, hidden, positions, mask, None, key, [scale], Scaled)
+        assert len(training.graphs) == 1
+        kept = training._backward(key, 0, 3, hidden, positions, mask, grad_out, None, [scale], Scaled)
+        assert len(training.graphs) == 0  # used once
+        recomputed = training._backward(None, 0, 3, hidden, positions, mask, grad_out, None, [scale], Scaled)
+        plain = training._forward(0, 3, hidden, positions, mask, None, None, [scale], Scaled)
+    torch.testing.assert_close(out, plain, atol=1e-6, rtol=0)  # the extras apply with and without a graph
+    torch.testing.assert_close(kept[0], recomputed[0], atol=1e-5, rtol=0)
+    assert kept[1] is None and recomputed[1] is None
+    torch.testing.assert_close(kept[2][0], recomputed[2][0], atol=1e-4, rtol=1e-5)
+    assert kept[2][0].abs() > 0
