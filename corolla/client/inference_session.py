@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from corolla.client.lora import current_adapter
+from corolla.client.active_adapter import current_adapter
 from corolla.client.routing import DEFAULT_LATENCY, DEFAULT_RTT, Hop, format_route
 from corolla.swarm.transport import Connection
 from corolla.wire.errors import SessionLengthError

@@ -1,15 +1,11 @@
-"""LoRA on the client: choosing a served adapter per request, and training the client's own LoRA.
+"""The client's own LoRA: A and B for every block, held and trained by the client.
 
-**Served adapters.** Servers started with ``--adapters`` announce them; a request names one and
-routing uses only servers that announce it. The choice is, from the most to the least specific: the
-``active_adapter`` given to ``generate`` / ``inference_session`` (held in a context variable for the
-call, :func:`using_adapter`), else the client's ``active_adapter`` option (``from_pretrained(...,
-active_adapter=NAME)``, Petals' name), else none (the base model).
+(Choosing a *served* adapter per request is :mod:`corolla.client.active_adapter`.)
 
-**Client-owned LoRA** (:class:`RemoteLora`). The client holds A and B for every block; the model's chain
-is wrapped in a :class:`LoraChain`, whose forward is :class:`LoraBlocksFunction`: the same chunking,
-max-throughput routing and retries as ``corolla.client.remote_autograd.RemoteBlocksFunction``, with the
-request naming the client's adapter and the backward returning its A/B gradients. Decisions:
+:class:`RemoteLora` holds the weights; the model's chain is wrapped in a :class:`LoraChain`, whose forward
+is :class:`LoraBlocksFunction`: the chunked, max-throughput-routed, retried forward/backward of
+:mod:`corolla.client.remote_autograd`, driven through its ``SpanExtras`` hook so that each request names
+the client's adapter and each backward returns its A/B gradients. Decisions:
 
 - **Weights travel once per version.** A version is the state of the weights: a new version name
   whenever a parameter's version counter moved (an optimizer step, any in-place change). A server gets a
@@ -24,21 +20,18 @@ request naming the client's adapter and the backward returning its A/B gradients
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import json
 import logging
 import math
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from corolla.client.remote_autograd import SpanExtras, _backward_all, _call, _forward_all
+from corolla.client.remote_autograd import SpanExtras, backward_chunks, call_peer, forward_chunks
 from corolla.models.lora import (
     LoraAdapter,
     fuse_weights,
@@ -62,30 +55,6 @@ from corolla.wire.messages import (
 )
 
 logger = logging.getLogger(__name__)
-
-#: Most tokens (rows x sequence length) in one chunk of a training forward/backward.
-CHUNK_TOKENS = 8192
-#: Split a batch into at least this many chunks (when it has the rows) so that a chain's servers overlap.
-PIPELINE_CHUNKS = 4
-
-_ADAPTER: contextvars.ContextVar[str | None] = contextvars.ContextVar("corolla_active_adapter", default=None)
-
-
-@contextmanager
-def using_adapter(name: str | None) -> Iterator[None]:
-    """Requests and sessions started inside (in this thread) use served adapter ``name`` (None: the default)."""
-    token = _ADAPTER.set(name)
-    try:
-        yield
-    finally:
-        _ADAPTER.reset(token)
-
-
-def current_adapter(default: str | None = None) -> str | None:
-    """The adapter a request started now should use ("" or None = the base model)."""
-    chosen = _ADAPTER.get()
-    return (chosen if chosen is not None else default) or None
-
 
 # --- client-owned LoRA ------------------------------------------------------------------------------------
 
@@ -237,7 +206,7 @@ class RemoteLora(nn.Module):
                     for tname, (a, b) in sorted(pairs.items())
                 )
                 request = LoraUploadRequest(manager.model, name, first, last, self.scale, items, replaces)
-                await _call(manager, peer, request, LoraUploadResponse)
+                await call_peer(manager, peer, request, LoraUploadResponse)
                 replaces = ""
                 held = held | set(range(first, last))
                 self._uploaded[peer] = (name, held)
@@ -255,7 +224,7 @@ class RemoteLora(nn.Module):
 
         async def release_all():
             request = LoraReleaseRequest(manager.model, "")
-            await asyncio.gather(*(_call(manager, p, request, LoraReleaseResponse) for p in peers),
+            await asyncio.gather(*(call_peer(manager, p, request, LoraReleaseResponse) for p in peers),
                                  return_exceptions=True)  # fmt: skip
 
         manager.bridge.run(release_all(), timeout=30)
@@ -379,7 +348,7 @@ class LoraBlocksFunction(torch.autograd.Function):
         manager, lora = chain.chain, chain.lora
         name = lora.current_name()
         out, chunks = manager.bridge.run(
-            _forward_all(
+            forward_chunks(
                 manager, hidden.detach(), positions, mask, None, start, end, extras=_LoraExtras(lora, name)
             )
         )
@@ -392,7 +361,7 @@ class LoraBlocksFunction(torch.autograd.Function):
         manager, lora = ctx.chain.chain, ctx.chain.lora
         extras = _LoraExtras(lora, ctx.name)
         grad_hidden, _, grads = manager.bridge.run(
-            _backward_all(manager, ctx.chunks, grad_output.contiguous(), None, ctx.span[0], extras)
+            backward_chunks(manager, ctx.chunks, grad_output.contiguous(), None, ctx.span[0], extras)
         )
         ctx.chunks = None  # free the saved span inputs
         start, end = ctx.span

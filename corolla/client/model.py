@@ -53,9 +53,9 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from corolla.client.active_adapter import using_adapter
 from corolla.client.chain import RemoteChain
 from corolla.client.generation import GenerationSession
-from corolla.client.lora import using_adapter
 from corolla.client.ptune import PromptTuning
 from corolla.client.remote_sequential import RemoteSequential
 from corolla.models.checkpoint import Checkpoint, CheckpointError, default_dht_prefix

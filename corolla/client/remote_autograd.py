@@ -72,7 +72,7 @@ def chain_forward(
         if prompts is None:
             return chain.forward(hidden, positions, attention_mask, start=start, end=end)
         out, _ = chain.bridge.run(
-            _forward_all(chain, hidden, positions, attention_mask, prompts, start, end, keep_graphs=False)
+            forward_chunks(chain, hidden, positions, attention_mask, prompts, start, end, keep_graphs=False)
         )
         return out
     if prompts is None:
@@ -91,7 +91,7 @@ class RemoteBlocksFunction(torch.autograd.Function):
     def forward(ctx, hidden, prompts, manager, positions, mask, start, end):
         hidden, positions, mask = hidden.detach(), positions.detach(), mask.detach()
         prompts = None if prompts is None else prompts.detach()
-        out, chunks = manager.bridge.run(_forward_all(manager, hidden, positions, mask, prompts, start, end))
+        out, chunks = manager.bridge.run(forward_chunks(manager, hidden, positions, mask, prompts, start, end))
         ctx.manager, ctx.chunks, ctx.prompts, ctx.start = manager, chunks, prompts, start
         ctx.hidden_dtype = hidden.dtype
         return out
@@ -99,7 +99,7 @@ class RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_prompts, _ = ctx.manager.bridge.run(
-            _backward_all(ctx.manager, ctx.chunks, grad_output.contiguous(), ctx.prompts, ctx.start)
+            backward_chunks(ctx.manager, ctx.chunks, grad_output.contiguous(), ctx.prompts, ctx.start)
         )
         return grad_hidden.to(ctx.hidden_dtype), grad_prompts, None, None, None, None, None
 
@@ -187,7 +187,7 @@ async def _gather(coros) -> list:
                 task.cancel()
 
 
-async def _forward_all(
+async def forward_chunks(
     manager, hidden, positions, mask, prompts, start: int, end: int, keep_graphs: bool = True,
     extras: SpanExtras = NO_EXTRAS,
 ):  # fmt: skip
@@ -217,7 +217,7 @@ async def _forward_span(
         )  # fmt: skip
         try:
             await extras.before_call(manager, hop.peer_id, hop.start, hop.end)
-            response = await _call(manager, hop.peer_id, request, ForwardResponse)
+            response = await call_peer(manager, hop.peer_id, request, ForwardResponse)
         except Exception as e:
             failures += 1
             extras.note_failure(manager, hop.peer_id, e, failures)
@@ -227,7 +227,7 @@ async def _forward_span(
     return x
 
 
-async def _backward_all(
+async def backward_chunks(
     manager, chunks: list[_Chunk], grad_output, prompts, base: int, extras: SpanExtras = NO_EXTRAS
 ):
     """(grad of the chunks' inputs, grad of the deep prompts or None, extra grads summed over chunks)."""
@@ -267,7 +267,7 @@ async def _backward_chunk(manager, chunk: _Chunk, grad: torch.Tensor, base: int,
         )  # fmt: skip
         try:
             await extras.before_call(manager, span.peer, span.start, span.end)
-            response = await _call(manager, span.peer, request, BackwardResponse)
+            response = await call_peer(manager, span.peer, request, BackwardResponse)
             _check_grads(response, request)
             span_grads = extras.span_grads(response, request)
         except Exception as e:
@@ -291,7 +291,7 @@ def _check_grads(response: BackwardResponse, request: BackwardRequest) -> None:
         raise ValueError("the server answered gradients of the wrong shape")
 
 
-async def _call(manager, peer: str, request, expected: type):
+async def call_peer(manager, peer: str, request, expected: type):
     from corolla.swarm.transport import call  # the network stack loads only with a swarm chain
 
     return await call(

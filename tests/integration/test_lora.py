@@ -121,7 +121,7 @@ def test_generate_with_active_adapter_is_token_exact(model, merged, reference):
 
 
 def test_logits_and_session_route_use_only_adapter_servers(model, merged, swarm):
-    from corolla.client.lora import using_adapter
+    from corolla.client.active_adapter import using_adapter
 
     ids = _prompt(10, seed=2)
     with torch.no_grad(), using_adapter(ADAPTER):
@@ -228,8 +228,9 @@ def test_client_lora_trains_like_peft_then_is_served(
     swarm, tiny_llama, reference, peft_init, tmp_path, monkeypatch
 ):
     import corolla.client.lora as client_lora
+    import corolla.client.remote_autograd as remote_autograd
 
-    monkeypatch.setattr(client_lora, "CHUNK_TOKENS", 16)  # 2 rows per chunk: the batch of 4 goes as 2 chunks
+    monkeypatch.setattr(remote_autograd, "CHUNK_TOKENS", 16)  # 2 rows per chunk: the batch of 4 goes as 2 chunks
     peft_model, init = peft_init
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
     try:
@@ -336,14 +337,14 @@ def test_server_killed_mid_step_is_replaced_and_gradients_unchanged(swarm, tiny_
     from corolla.wire.messages import TrainForwardRequest
 
     used: list[str] = []
-    real_call = remote_autograd._call
+    real_call = remote_autograd.call_peer
 
     async def recording_call(manager, peer, request, expected):
         if isinstance(request, TrainForwardRequest):
             used.append(peer)
         return await real_call(manager, peer, request, expected)
 
-    monkeypatch.setattr(remote_autograd, "_call", recording_call)  # the training path's one call site
+    monkeypatch.setattr(remote_autograd, "call_peer", recording_call)  # the training path's one call site
     peft_model, init = peft_init
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
     try:
