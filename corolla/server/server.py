@@ -39,17 +39,18 @@ from corolla.server.config import ServerConfig
 from corolla.server.handlers import RequestHandler
 from corolla.server.memory_cache import MemoryCache
 from corolla.server.throughput import (
-    PROBE_BYTES,
     ComputeThroughput,
     announced_throughput,
     compute_throughput,
+    measure_rtts,
     network_tokens_per_second,
+    probe_bandwidth,
 )
 from corolla.swarm.discovery import announce, announce_model, fetch_block_infos
 from corolla.swarm.node import SwarmNode
 from corolla.swarm.spans import RemoteSpanInfo, compute_spans
-from corolla.swarm.transport import PROTOCOL, call
-from corolla.wire.messages import ModelRef, PingRequest, PingResponse, ProbeRequest, ProbeResponse
+from corolla.swarm.transport import PROTOCOL
+from corolla.wire.messages import ModelRef
 from corolla.wire.records import ModelRecord, ServerInfo, ServerState
 from corolla.wire.tensors import DTYPES, dtype_name
 
@@ -304,16 +305,7 @@ class Server:
         if not peers:
             logger.info("No other server to measure bandwidth against: announcing compute throughput only")
             return
-        payload = bytes(PROBE_BYTES)
-        best = 0.0
-        for peer in peers:
-            t0 = time.perf_counter()
-            try:
-                await call(self.node.p2p, peer, ProbeRequest(payload), ProbeResponse, 10.0)
-            except Exception as e:
-                logger.debug("Bandwidth probe to %s failed: %r", peer, e)
-                continue
-            best = max(best, PROBE_BYTES / (time.perf_counter() - t0))
+        best = await probe_bandwidth(self.node.p2p, peers)
         if best > 0:
             self.network_throughput = network_tokens_per_second(best, self.model_config.hidden_size, self.dtype)
             logger.info(
@@ -329,16 +321,7 @@ class Server:
             return
         spans = await self._swarm_spans((ServerState.ONLINE,))
         peers = sorted(p for p, s in spans.items() if s.start <= self.info.end < s.end and p != self.peer_id)[:5]
-
-        async def rtt(peer: str) -> tuple[str, float] | None:
-            t0 = time.perf_counter()
-            try:
-                await call(self.node.p2p, peer, PingRequest(), PingResponse, 2.0)
-            except Exception:
-                return None
-            return peer, round(time.perf_counter() - t0, 6)
-
-        self.next_rtts = tuple(r for r in await asyncio.gather(*(rtt(p) for p in peers)) if r is not None)
+        self.next_rtts = await measure_rtts(self.node.p2p, peers)
 
     async def _serve_until(self, stop: asyncio.Event, memory: MemoryCache) -> int | None:
         """Serve, announcing every ``update_period``; returns a new start if the server should move."""

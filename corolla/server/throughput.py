@@ -17,6 +17,7 @@ server can sustain for one block whatever the traffic is.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -25,6 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from corolla.swarm.transport import call
+from corolla.wire.messages import PingRequest, PingResponse, ProbeRequest, ProbeResponse
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +164,35 @@ def compute_throughput(
     )  # fmt: skip
     store_cached(key, value)
     return value
+
+
+async def probe_bandwidth(p2p, peers: list[str], timeout: float = 10.0) -> float:
+    """The best bytes/s seen sending a ``PROBE_BYTES`` probe to each of ``peers`` (0.0 if none answered)."""
+    payload = bytes(PROBE_BYTES)
+    best = 0.0
+    for peer in peers:
+        t0 = time.perf_counter()
+        try:
+            await call(p2p, peer, ProbeRequest(payload), ProbeResponse, timeout)
+        except Exception as e:
+            logger.debug("Bandwidth probe to %s failed: %r", peer, e)
+            continue
+        best = max(best, PROBE_BYTES / (time.perf_counter() - t0))
+    return best
+
+
+async def measure_rtts(p2p, peers: list[str], timeout: float = 2.0) -> tuple[tuple[str, float], ...]:
+    """(peer, seconds) of a ping to each of ``peers`` that answered in time."""
+
+    async def rtt(peer: str) -> tuple[str, float] | None:
+        t0 = time.perf_counter()
+        try:
+            await call(p2p, peer, PingRequest(), PingResponse, timeout)
+        except Exception:
+            return None
+        return peer, round(time.perf_counter() - t0, 6)
+
+    return tuple(r for r in await asyncio.gather(*(rtt(p) for p in peers)) if r is not None)
 
 
 def network_tokens_per_second(bytes_per_second: float, hidden_size: int, dtype: torch.dtype) -> float:
