@@ -181,7 +181,7 @@ class Swarm:
 
     def _watch(self):
         if self._watcher is None:
-            from corolla.client.bridge import LoopThread
+            from corolla.swarm.bridge import LoopThread
             from corolla.swarm.node import NetworkConfig, SwarmNode
 
             bridge = LoopThread("bench-watcher")

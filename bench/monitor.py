@@ -104,7 +104,7 @@ def wait_state(url: str, predicate, what: str, timeout: float = 180) -> tuple[fl
 
 
 def live(workdir: Path) -> dict:
-    from corolla.client.swarm_reader import SwarmReader
+    from corolla.swarm.reader import SwarmReader
     from corolla.swarm.node import NetworkConfig
 
     ckpt = write_llama(workdir / PREFIX, num_hidden_layers=8, hidden_size=64, intermediate_size=160,

@@ -135,7 +135,7 @@ class LocalSwarm:
         progress: Callable[[str], None] = lambda text: None,
     ) -> None:
         """Block until every started server is ONLINE in the DHT; raises SwarmStartError if one dies."""
-        from corolla.client.swarm_reader import SwarmReader
+        from corolla.swarm.reader import SwarmReader
         from corolla.swarm.node import NetworkConfig
 
         servers = {name for name in self.procs if name != "dht"}

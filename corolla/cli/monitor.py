@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> None:
     models = resolve_models(args, prog="corolla monitor")
     sock = bind(args.host, args.port)  # before joining the DHT: a taken port fails fast
 
-    from corolla.client.swarm_reader import SwarmReader
+    from corolla.swarm.reader import SwarmReader
     from corolla.monitor.app import create_app
     from corolla.monitor.collector import StateCollector
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from corolla.client.active_adapter import current_adapter
-from corolla.client.bridge import LoopThread
+from corolla.swarm.bridge import LoopThread
 from corolla.client.config import ClientConfig
 from corolla.client.routing import Hop, format_route, plan_max_throughput, plan_min_latency, uncovered_blocks
 from corolla.swarm.discovery import fetch_block_infos

@@ -1,6 +1,6 @@
 """Reads the models' records from the DHT on a thread and keeps the latest :func:`swarm_json` picture.
 
-The thin shell around :mod:`corolla.monitor.state`: one :class:`~corolla.client.swarm_reader.SwarmReader`
+The thin shell around :mod:`corolla.monitor.state`: one :class:`~corolla.swarm.reader.SwarmReader`
 (a client-mode peer: it stores nothing and calls no server), one read of every model per period, and a
 log line for each change worth an operator's attention (a server appearing, changing state, moving or
 expiring; a gap opening or closing). A failed read keeps the last good picture and says why in
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from corolla import __version__
-from corolla.client.swarm_reader import SwarmReader
+from corolla.swarm.reader import SwarmReader
 from corolla.monitor.state import ModelState, announced_block_count, describe_changes, model_state, swarm_json
 
 logger = logging.getLogger("corolla.monitor")

@@ -10,7 +10,7 @@ import psutil
 from hivemind.p2p import P2P, PeerID
 
 from corolla.client.sequence_manager import RemoteSequenceManager
-from corolla.client.swarm_reader import SwarmReader
+from corolla.swarm.reader import SwarmReader
 from corolla.models.checkpoint import Checkpoint
 from corolla.swarm.node import NetworkConfig
 from corolla.wire.records import ServerState

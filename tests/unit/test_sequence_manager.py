@@ -9,7 +9,7 @@ import types
 import pytest
 
 from corolla.client import sequence_manager as sm
-from corolla.client.bridge import LoopThread
+from corolla.swarm.bridge import LoopThread
 from corolla.client.config import ClientConfig
 from corolla.wire.codec import pack
 from corolla.wire.errors import BadRequestError, ChainFailedError, MissingBlocksError, UnknownAdapterError

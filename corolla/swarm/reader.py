@@ -1,10 +1,10 @@
 """A client-mode peer that only reads the swarm's records: for `corolla health`, the demo's wait for its
-servers, and test fixtures. One sync object over the client's network thread (:mod:`corolla.client.bridge`).
+servers, and test fixtures. One sync object over a network thread of its own (:mod:`corolla.swarm.bridge`).
 """
 
 from __future__ import annotations
 
-from corolla.client.bridge import LoopThread
+from corolla.swarm.bridge import LoopThread
 from corolla.swarm.discovery import fetch_block_infos, fetch_models
 from corolla.swarm.node import NetworkConfig, SwarmNode
 from corolla.wire.records import ModelRecord, ServerInfo
