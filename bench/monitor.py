@@ -104,8 +104,8 @@ def wait_state(url: str, predicate, what: str, timeout: float = 180) -> tuple[fl
 
 
 def live(workdir: Path) -> dict:
-    from corolla.swarm.reader import SwarmReader
     from corolla.swarm.node import NetworkConfig
+    from corolla.swarm.reader import SwarmReader
 
     ckpt = write_llama(workdir / PREFIX, num_hidden_layers=8, hidden_size=64, intermediate_size=160,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=320)  # fmt: skip

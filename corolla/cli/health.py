@@ -19,9 +19,9 @@ from datetime import datetime
 
 from corolla.cli.common import add_network_flags, flag, network_config, setup_logging
 from corolla.cli.health_table import format_health
-from corolla.swarm.reader import SwarmReader
 from corolla.monitor.collector import ModelRef, read_models
 from corolla.monitor.state import swarm_json
+from corolla.swarm.reader import SwarmReader
 
 logger = logging.getLogger("corolla.health")
 

@@ -135,8 +135,8 @@ class LocalSwarm:
         progress: Callable[[str], None] = lambda text: None,
     ) -> None:
         """Block until every started server is ONLINE in the DHT; raises SwarmStartError if one dies."""
-        from corolla.swarm.reader import SwarmReader
         from corolla.swarm.node import NetworkConfig
+        from corolla.swarm.reader import SwarmReader
 
         servers = {name for name in self.procs if name != "dht"}
         config = NetworkConfig(initial_peers=tuple(self.initial_peers), host_maddrs=(LOOPBACK,),

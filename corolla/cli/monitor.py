@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> None:
     models = resolve_models(args, prog="corolla monitor")
     sock = bind(args.host, args.port)  # before joining the DHT: a taken port fails fast
 
-    from corolla.swarm.reader import SwarmReader
     from corolla.monitor.app import create_app
     from corolla.monitor.collector import StateCollector
+    from corolla.swarm.reader import SwarmReader
 
     shown = (
         ", ".join(f"{prefix} ({n or '?'} blocks)" for prefix, n in models)

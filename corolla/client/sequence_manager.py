@@ -19,9 +19,9 @@ from typing import Any, Literal
 import torch
 
 from corolla.client.active_adapter import current_adapter
-from corolla.swarm.bridge import LoopThread
 from corolla.client.config import ClientConfig
 from corolla.client.routing import Hop, format_route, plan_max_throughput, plan_min_latency, uncovered_blocks
+from corolla.swarm.bridge import LoopThread
 from corolla.swarm.discovery import fetch_block_infos
 from corolla.swarm.node import NetworkConfig, SwarmNode
 from corolla.swarm.spans import RemoteSpanInfo, compute_spans

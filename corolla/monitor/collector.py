@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from corolla import __version__
-from corolla.swarm.reader import SwarmReader
 from corolla.monitor.state import ModelState, announced_block_count, describe_changes, model_state, swarm_json
+from corolla.swarm.reader import SwarmReader
 
 logger = logging.getLogger("corolla.monitor")
 

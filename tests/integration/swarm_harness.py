@@ -10,9 +10,9 @@ import psutil
 from hivemind.p2p import P2P, PeerID
 
 from corolla.client.sequence_manager import RemoteSequenceManager
-from corolla.swarm.reader import SwarmReader
 from corolla.models.checkpoint import Checkpoint
 from corolla.swarm.node import NetworkConfig
+from corolla.swarm.reader import SwarmReader
 from corolla.wire.records import ServerState
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"

@@ -9,8 +9,8 @@ import types
 import pytest
 
 from corolla.client import sequence_manager as sm
-from corolla.swarm.bridge import LoopThread
 from corolla.client.config import ClientConfig
+from corolla.swarm.bridge import LoopThread
 from corolla.wire.codec import pack
 from corolla.wire.errors import BadRequestError, ChainFailedError, MissingBlocksError, UnknownAdapterError
 from corolla.wire.messages import ModelRef
