@@ -1,14 +1,20 @@
-"""Streams between peers: hivemind's raw binary streams carrying corolla's own frames.
+"""Streams between peers, behind one small seam: :class:`Transport` opens a stream to a peer.
 
-Measured on loopback, raw binary streams with our framing cost about a TCP round trip per message
-and report a killed remote as EOF within milliseconds; hivemind's protobuf streams are slower and
-hang silently when the remote dies. Every call opens one stream on the single protocol name
-:data:`PROTOCOL`; the first frame's message type says which call it is.
+The real transport, :class:`P2PTransport`, uses hivemind's raw binary streams carrying corolla's own
+frames. Measured on loopback, they cost about a TCP round trip per message and report a killed remote as
+EOF within milliseconds; hivemind's protobuf streams are slower and hang silently when the remote dies.
+Every call opens one stream on the single protocol name :data:`PROTOCOL`; the first frame's message type
+says which call it is. :mod:`corolla.swarm.memory` has the in-process transport that unit tests use: the
+same frames over socket pairs to real server handlers, with faults (kill, stall) injected per peer.
+
+Everything else (a :class:`Connection`, a one-shot :meth:`Transport.call`) is built on ``open_stream``,
+so both transports share it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from typing import Any
 
 from hivemind.p2p import P2P, PeerID
@@ -34,11 +40,6 @@ class Connection:
         self.reader, self.writer = reader, writer
         self.max_bytes = max_bytes
 
-    @classmethod
-    async def open(cls, p2p: P2P, peer_id: str, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Connection:
-        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
-        return cls(peer_id, reader, writer, max_bytes)
-
     async def send(self, message: Any, compression: str | None = None) -> None:
         await write_message(self.writer, message, compression, self.max_bytes)
 
@@ -59,15 +60,42 @@ class Connection:
             self.writer.close()
 
 
+class Transport(ABC):
+    """Opens streams to peers; what a client (and a server probing its peers) needs of the network."""
+
+    @abstractmethod
+    async def open_stream(self, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new bidirectional byte stream to ``peer_id``'s corolla handler."""
+
+    async def connect(self, peer_id: str, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Connection:
+        reader, writer = await self.open_stream(peer_id)
+        return Connection(peer_id, reader, writer, max_bytes)
+
+    async def call(self, peer_id: str, request: Any, expected: type, timeout: float, **kwargs: Any) -> Any:
+        """One request, one reply, on a fresh stream, within ``timeout`` seconds."""
+
+        async def _call() -> Any:
+            conn = await self.connect(peer_id, **kwargs)
+            try:
+                await conn.send(request)
+                return await conn.recv(expected)
+            finally:
+                conn.close()
+
+        return await asyncio.wait_for(_call(), timeout)
+
+
+class P2PTransport(Transport):
+    """Streams through the peer's libp2p daemon (hivemind ``P2P``)."""
+
+    def __init__(self, p2p: P2P):
+        self.p2p = p2p
+
+    async def open_stream(self, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
+        return reader, writer
+
+
 async def call(p2p: P2P, peer_id: str, request: Any, expected: type, timeout: float, **kwargs: Any) -> Any:
-    """One request, one reply, on a fresh stream, within ``timeout`` seconds."""
-
-    async def _call() -> Any:
-        conn = await Connection.open(p2p, peer_id, **kwargs)
-        try:
-            await conn.send(request)
-            return await conn.recv(expected)
-        finally:
-            conn.close()
-
-    return await asyncio.wait_for(_call(), timeout)
+    """One request, one reply over ``p2p`` (servers' probes and pings); see :meth:`Transport.call`."""
+    return await P2PTransport(p2p).call(peer_id, request, expected, timeout, **kwargs)

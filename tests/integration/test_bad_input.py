@@ -11,7 +11,7 @@ import pytest
 import torch
 from swarm_harness import make_manager
 
-from corolla.swarm.transport import Connection, call
+from corolla.swarm.transport import P2PTransport, call
 from corolla.wire.errors import (
     BadRequestError,
     CacheFullError,
@@ -84,7 +84,7 @@ def test_bad_forward_is_refused_with_reason(manager, s0, case):
 
 
 async def _raw_exchange(p2p, peer: str, frame: bytes):
-    conn = await Connection.open(p2p, peer)
+    conn = await P2PTransport(p2p).connect(peer)
     try:
         conn.writer.write(frame)
         await conn.writer.drain()
@@ -130,7 +130,7 @@ def test_malformed_frames_are_answered_with_errors(manager, s0, case):
 
 async def _session(p2p, peer: str, model: ModelRef, steps, max_length=8):
     """Open a session on [0, 4) and send ``steps`` (offset, tokens); return each reply or error."""
-    conn = await Connection.open(p2p, peer)
+    conn = await P2PTransport(p2p).connect(peer)
     replies = []
     try:
         await conn.send(InferenceOpen(model, 0, 4, max_length, 1))
@@ -175,10 +175,10 @@ def test_cache_budget_waits_then_fails_clearly(shared_swarm, tiny_llama):
     model, p2p, run = manager.model, manager.node.p2p, manager.bridge.run
 
     async def scenario():
-        first = await Connection.open(p2p, proc.peer_id)
+        first = await P2PTransport(p2p).connect(proc.peer_id)
         await first.send(InferenceOpen(model, 0, 2, 12, 1))
         await first.recv(InferenceOpened)
-        second = await Connection.open(p2p, proc.peer_id)
+        second = await P2PTransport(p2p).connect(proc.peer_id)
         await second.send(InferenceOpen(model, 0, 2, 12, 1))
         with pytest.raises(CacheFullError, match="stayed full for 1.0 s"):
             await asyncio.wait_for(second.recv(InferenceOpened), 30)
@@ -191,7 +191,7 @@ def test_cache_budget_waits_then_fails_clearly(shared_swarm, tiny_llama):
                 break
             await asyncio.sleep(0.1)
         assert reply.info.free_cache_tokens == 16
-        third = await Connection.open(p2p, proc.peer_id)
+        third = await P2PTransport(p2p).connect(proc.peer_id)
         await third.send(InferenceOpen(model, 0, 2, 12, 1))
         assert isinstance(await asyncio.wait_for(third.recv(InferenceOpened), 30), InferenceOpened)
         third.close()
