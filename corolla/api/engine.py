@@ -25,6 +25,7 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -163,15 +164,7 @@ class RequestTracker(StoppingCriteria):
 
 def describe_route(session) -> list[dict]:
     """The servers of a generation session's chain: peer id, public name, blocks [start, end)."""
-    chain_session = session.chain_session
-    manager = getattr(chain_session, "manager", None)
-    spans = getattr(manager, "spans", {})
-    route = []
-    for hop in getattr(chain_session, "route", []):
-        span = spans.get(hop.peer_id)
-        name = span.info.public_name if span is not None and span.info.public_name else hop.peer_id[-8:]
-        route.append({"peer_id": hop.peer_id, "name": name, "start": hop.start, "end": hop.end})
-    return route
+    return [dataclasses.asdict(hop) for hop in session.chain_session.describe_route()]
 
 
 class Job:
@@ -303,7 +296,7 @@ class Engine:
             )
             if not job.cancelled.is_set():
                 tracker.finish()
-            route, failovers = describe_route(session), getattr(session.chain_session, "failovers", 0)
+            route, failovers = describe_route(session), session.chain_session.failovers
         end = time.perf_counter()
         first = tracker.first_token_at or end
         generated = sum(c.tokens for c in tracker.choices)

@@ -7,6 +7,16 @@ the hop's input history is replayed through the new servers to rebuild their KV 
 current step goes on from there. Downstream hops are untouched, so with greedy decoding the output is
 the same as without the failure.
 
+Failures go through the client's one :class:`~corolla.client.failure_policy.FailurePolicy`: a fatal
+error propagates, anything else bans the server and counts a retry of the step (or of the chain's
+opening), up to ``max_retries``.
+
+What the session carries besides hidden states: the served ``adapter`` it was opened with, deep
+``prompts`` (steps, and replay chunks, that cover cache positions < K are sent as
+``InferencePromptStep`` with each hop's blocks' prompts), and the client's own trainables
+(:class:`~corolla.client.chain.ChainExtras`: uploaded to each server before its session opens, and named
+as the session's adapter).
+
 Deadlines: a step's deadline is ``max(floor, factor x expected step time)``, the expectation coming
 from this hop's measured steps (or the server's announced latency before any). A missed deadline
 alone does not condemn a server: it is pinged, and only a failed ping bans it; a slow but live server
@@ -16,18 +26,30 @@ is waited for, up to ``request_timeout``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from corolla.client.active_adapter import current_adapter
+from corolla.client.chain import NO_EXTRAS, ChainExtras, ChainSession, RouteHop
+from corolla.client.failure_policy import blame
 from corolla.client.routing import DEFAULT_LATENCY, DEFAULT_RTT, Hop, format_route
+from corolla.models.deep_prompts import prompt_overlap
 from corolla.swarm.transport import Connection
 from corolla.wire.errors import SessionLengthError
-from corolla.wire.messages import InferenceOpen, InferenceOpened, InferenceStep, InferenceStepResult
+from corolla.wire.messages import (
+    InferenceOpen,
+    InferenceOpened,
+    InferencePromptStep,
+    InferenceStep,
+    InferenceStepResult,
+)
 from corolla.wire.tensors import FLOAT_COMPRESSIONS
+
+if TYPE_CHECKING:
+    from corolla.client.sequence_manager import RemoteSequenceManager
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +66,7 @@ class _HopSession:
     ):
         self.hop, self.conn, self.compression = hop, conn, compression
         self.history: list[torch.Tensor] = []
+        self.broken = False  # failed: replace it (replaying its history) before its next step
         self.token_time = expected_token_time  # EMA of seconds per token in multi-token steps
         self.step_time = expected_token_time + rtt  # EMA of seconds per one-token step
 
@@ -60,15 +83,23 @@ class _HopSession:
         self.conn.close()
 
 
-class InferenceSession:
+class InferenceSession(ChainSession):
     """KV caches for one batch of sequences on a chain of servers. Opened lazily on the first step."""
 
-    def __init__(self, manager: Any, max_length: int, adapter: str | None = None):
+    def __init__(
+        self,
+        manager: RemoteSequenceManager,
+        max_length: int,
+        adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+        extras: ChainExtras = NO_EXTRAS,
+    ):
         self.manager, self.max_length = manager, max_length
-        # the served LoRA adapter of every hop (chosen now, in the caller's thread: see corolla.client.lora)
-        default = getattr(getattr(manager, "config", None), "active_adapter", None)
-        self.adapter = adapter or current_adapter(default)
-        self.route_adapter = self.adapter  # only servers announcing it (a client's own adapter: any server)
+        self.extras, self.prompts = extras, prompts  # deep prompts [num_blocks, 1, K, H] or None
+        if extras.adapter:  # the client's own adapter: any server (it gets an upload before the session opens)
+            self.adapter, self.route_adapter = extras.adapter, None
+        else:  # a served adapter, chosen now in the caller's thread (see corolla.client.active_adapter)
+            self.adapter = self.route_adapter = manager.served_adapter(adapter)
         self._hops: list[_HopSession] = []
         self._positions: list[torch.Tensor] = []
         self._masks: list[torch.Tensor] = []
@@ -84,6 +115,9 @@ class InferenceSession:
     @property
     def route(self) -> list[Hop]:
         return [h.hop for h in self._hops]
+
+    def describe_route(self) -> list[RouteHop]:
+        return self.manager.route_hops(self.route)
 
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.closed:
@@ -103,24 +137,32 @@ class InferenceSession:
         if not self._hops:
             self._batch_size = hidden.shape[0]
             self._hops = await self._open_chain(0, self.manager.num_blocks, None)
-        x, i, failures = hidden, 0, 0
+        x, i = hidden, 0
         while i < len(self._hops):
-            hop = self._hops[i]
-            try:
-                y = await self._hop_step(hop, x, positions, mask)
-            except Exception as e:
-                failures += 1
-                hop.close()
-                self.manager.note_failure(hop.hop.peer_id, e, failures)
-                self._hops[i : i + 1] = await self._open_chain(hop.hop.start, hop.hop.end, hop.history)
-                self.failovers += 1
-                continue
-            hop.history.append(x)
-            x, i = y, i + 1
+            attempt = functools.partial(self._hop_attempt, i, x, positions, mask)
+            x, i = await self.manager.policy.retry(attempt, self.extras.recover), i + 1
         self._positions.append(positions)
         self._masks.append(mask)
         self._position += hidden.shape[1]
         return x.to(hidden.dtype)
+
+    async def _hop_attempt(self, i: int, x, positions, mask) -> torch.Tensor:
+        """Hop ``i``'s part of this step; a hop that failed before is first replaced (its span re-planned
+        and its input history replayed to the new servers), downstream hops are untouched."""
+        hop = self._hops[i]
+        if hop.broken:
+            self._hops[i : i + 1] = await self._open_chain(hop.hop.start, hop.hop.end, hop.history)
+            self.failovers += 1
+            hop = self._hops[i]
+        async with blame(hop.hop.peer_id):
+            try:
+                y = await self._hop_step(hop, x, positions, mask)
+            except BaseException:
+                hop.broken = True
+                hop.close()
+                raise
+        hop.history.append(x)
+        return y
 
     async def _hop_step(self, hop: _HopSession, x, positions, mask) -> torch.Tensor:
         tokens = x.shape[1]
@@ -131,8 +173,11 @@ class InferenceSession:
         return result.hidden
 
     def _step_message(self, hop: Hop, offset: int, x, positions, mask):
-        """The message of one step of ``hop`` at cache ``offset`` (a subclass may add per-block extras)."""
-        return InferenceStep(offset, x, positions, mask)
+        """The message of one step of ``hop`` at cache ``offset``: with the hop's deep prompts if it covers any."""
+        if self.prompts is None or prompt_overlap(self.prompts.shape[2], offset, x.shape[1]) == 0:
+            return InferenceStep(offset, x, positions, mask)
+        prompts = self.prompts[hop.start : hop.end].to(x.dtype).contiguous()
+        return InferencePromptStep(offset, x, positions, mask, prompts)
 
     async def _await_alive(self, hop: _HopSession, coro, expected: float):
         """Await ``coro``; past each deadline, ping the server and give up only if it does not answer."""
@@ -157,34 +202,40 @@ class InferenceSession:
 
     async def _open_chain(self, start: int, end: int, history: list[torch.Tensor] | None) -> list[_HopSession]:
         """Open sessions covering [start, end) and replay ``history`` (that span's inputs) into them."""
-        failures = 0
-        while True:
-            # skip servers that announce too little free cache for this session (relaxed if nobody has room)
-            need = (self._batch_size or 1) * self.max_length
-            route = await self.manager.make_route(start, end, min_free_cache=need, adapter=self.route_adapter)
-            opened: list[_HopSession] = []
-            try:
-                x = torch.cat(history, dim=1) if history else None
-                for hop in route:
+        opened = await self.manager.policy.retry(
+            functools.partial(self._open_chain_attempt, start, end, history), self.extras.recover
+        )
+        verb = "Replaced" if history is not None else "Opened"
+        logger.info(
+            "%s the chain for blocks [%d, %d): %s", verb, start, end, format_route([h.hop for h in opened])
+        )
+        return opened
+
+    async def _open_chain_attempt(self, start: int, end: int, history: list[torch.Tensor] | None):
+        # skip servers that announce too little free cache for this session (relaxed if nobody has room)
+        need = (self._batch_size or 1) * self.max_length
+        route = await self.manager.make_route(start, end, min_free_cache=need, adapter=self.route_adapter)
+        opened: list[_HopSession] = []
+        try:
+            x = torch.cat(history, dim=1) if history else None
+            for hop in route:
+                async with blame(hop.peer_id):
                     session = await self._open_hop(hop)
                     opened.append(session)
                     if x is not None:
                         y = await self._replay(session, x)
                         session.history = [x]
                         x = y
-            except Exception as e:
-                for session in opened:
-                    session.close()
-                failures += 1
-                self.manager.note_failure(hop.peer_id, e, failures)
-                continue
-            verb = "Replaced" if history is not None else "Opened"
-            logger.info("%s the chain for blocks [%d, %d): %s", verb, start, end, format_route(route))
-            return opened
+        except BaseException:
+            for session in opened:
+                session.close()
+            raise
+        return opened
 
     async def _open_hop(self, hop: Hop) -> _HopSession:
         manager = self.manager
-        conn = await Connection.open(manager.node.p2p, hop.peer_id, manager.config.max_message_bytes)
+        await self.extras.before_call(manager, hop.peer_id, hop.start, hop.end)
+        conn = await manager.transport.connect(hop.peer_id, manager.config.max_message_bytes)
         try:
             adapter = self.adapter or ""
             await conn.send(
@@ -226,9 +277,3 @@ class InferenceSession:
         for hop in self._hops:
             self.manager.bridge.loop.call_soon_threadsafe(hop.close)
         self._hops = []
-
-    def __enter__(self) -> InferenceSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

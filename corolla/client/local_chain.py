@@ -1,55 +1,78 @@
-"""An in-process :class:`RemoteChain` over a local :class:`BlockStack`: the fake used by unit tests
-and by ``bench/`` as a no-network reference. It has the same semantics as the swarm, minus the swarm.
+"""An in-process :class:`~corolla.client.chain.RemoteChain` over a local :class:`BlockStack`.
+
+Used by unit tests and by ``bench/`` as a no-network reference. It has the swarm's semantics minus the
+swarm: sessions run the server's own session code (:class:`corolla.models.session.KVSession`, the cache
+layout and step a server's backend uses), forward runs :func:`corolla.models.deep_prompts.run_blocks`
+under ordinary autograd, and a client's trainables (:class:`~corolla.client.chain.ChainExtras`) apply
+through their ``local_context``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from corolla.client.chain import NO_EXTRAS, ChainExtras, ChainSession, RemoteChain
+from corolla.models.deep_prompts import run_blocks
+from corolla.models.session import KVSession
 from corolla.models.stack import BlockStack
 
 
-class LocalChainSession:
-    def __init__(self, stack: BlockStack, max_length: int):
+class LocalChainSession(ChainSession):
+    def __init__(
+        self,
+        stack: BlockStack,
+        max_length: int,
+        prompts: torch.Tensor | None = None,
+        extras: ChainExtras = NO_EXTRAS,
+    ):
         self.stack, self.max_length = stack, max_length
-        self._caches = None
-        self._valid: torch.Tensor | None = None
-        self._position = 0
+        self.prompts, self.extras = prompts, extras
+        self._session: KVSession | None = None
 
     @property
     def position(self) -> int:
-        return self._position
+        return 0 if self._session is None else self._session.length
 
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        batch, tokens = hidden.shape[:2]
-        if self._caches is None:
-            self._caches = self.stack.allocate_cache(batch, self.max_length)
-            self._valid = torch.zeros(batch, self.max_length, dtype=torch.bool)
-        end = self._position + tokens
+        stack = self.stack
+        if self._session is None:
+            self._session = KVSession(stack, stack.start, stack.end, hidden.shape[0], self.max_length)
+        end = self.position + hidden.shape[1]
         if end > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded ({end} tokens)")
-        self._valid[:, self._position : end] = attention_mask
-        with torch.inference_mode():
-            out = self._run(hidden, positions, self._valid[:, :end])
-        self._position = end
-        return out
-
-    def _run(self, hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The blocks over this step's tokens at the session's position (subclasses add per-block inputs)."""
-        return self.stack(hidden, positions, valid, self._caches, self._position)
+        with torch.inference_mode(), self.extras.local_context(stack, stack.start, stack.end):
+            return self._session.step(self.position, hidden, positions, attention_mask.bool(), self.prompts)
 
     def close(self) -> None:
-        self._caches = None
+        self._session = None
 
 
-class LocalChain:
+class LocalChain(RemoteChain):
     def __init__(self, stack: BlockStack):
         self.stack = stack
         self.num_blocks = stack.end - stack.start
 
-    def forward(self, hidden, positions, attention_mask, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden, positions, attention_mask, start: int = 0, end: int | None = None, *,
+        prompts: torch.Tensor | None = None, extras: ChainExtras = NO_EXTRAS,
+    ) -> torch.Tensor:  # fmt: skip
         end = self.num_blocks if end is None else end
-        return self.stack(hidden, positions, attention_mask, None, 0, (start, end))
+        if prompts is not None and prompts.shape[0] != end - start:
+            raise ValueError(f"got deep prompts for {prompts.shape[0]} blocks, running {end - start}")
+        blocks = (self.stack.start + start, self.stack.start + end)
+        with extras.local_context(self.stack, *blocks):
+            return run_blocks(self.stack, blocks, hidden, positions, attention_mask, prompts)
 
-    def open_session(self, max_length: int) -> LocalChainSession:
-        return LocalChainSession(self.stack, max_length)
+    def open_session(
+        self, max_length: int, *, adapter: str | None = None, prompts: torch.Tensor | None = None,
+        extras: ChainExtras = NO_EXTRAS,
+    ) -> LocalChainSession:  # fmt: skip
+        if adapter:
+            raise ValueError(f"an in-process chain serves no adapters (asked for {adapter!r})")
+        return LocalChainSession(self.stack, max_length, prompts, extras)
+
+    def show_route(self) -> str:
+        return f"blocks [{self.stack.start}, {self.stack.end}) in process"
+
+    def shutdown(self) -> None:
+        pass

@@ -2,17 +2,20 @@
 
 (Choosing a *served* adapter per request is :mod:`corolla.client.active_adapter`.)
 
-:class:`RemoteLora` holds the weights; the model's chain is wrapped in a :class:`LoraChain`, whose forward
-is :class:`LoraBlocksFunction`: the chunked, max-throughput-routed, retried forward/backward of
-:mod:`corolla.client.remote_autograd`, driven through its ``SpanExtras`` hook so that each request names
-the client's adapter and each backward returns its A/B gradients. Decisions:
+:class:`RemoteLora` holds the weights; the model's chain is wrapped in a :class:`LoraChain`, a chain that
+passes every forward and session to the chain below with :class:`LoraExtras`, the
+:class:`~corolla.client.chain.ChainExtras` of a LoRA: on the swarm each request names the client's adapter,
+each server gets the weights before its first request, and each backward returns A/B gradients (the
+chunked, routed, retried path of :mod:`corolla.client.remote_autograd`); in process the stack applies them
+under ordinary autograd. Decisions:
 
 - **Weights travel once per version.** A version is the state of the weights: a new version name
   whenever a parameter's version counter moved (an optimizer step, any in-place change). A server gets a
   span's slices before its first request under a version (one upload per server and step, replacing the
   previous version, split to fit messages); every chunk's forward and backward only names it.
 - **Lost uploads are re-sent**, not treated as a failed server: a server that answers ``unknown_adapter``
-  (restarted, TTL passed) gets the slices again; other errors follow the manager's failure policy.
+  (restarted, TTL passed) gets the slices again (``LoraExtras.recover``); other errors follow the client's
+  failure policy.
 - **Same math locally.** On an in-process chain the blocks run with the same fused side path
   (``corolla.models.lora``) under ordinary autograd: the reference for tests and ``bench/finetune.py``.
 """
@@ -20,7 +23,6 @@ the client's adapter and each backward returns its A/B gradients. Decisions:
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import math
@@ -31,7 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from corolla.client.remote_autograd import SpanExtras, backward_chunks, call_peer, forward_chunks
+from corolla.client.chain import NO_EXTRAS, ChainExtras, ChainSession, RemoteChain
+from corolla.client.remote_autograd import call_peer
 from corolla.models.lora import (
     LoraAdapter,
     fuse_weights,
@@ -43,7 +46,7 @@ from corolla.models.lora import (
 )
 from corolla.models.lora import attach_lora as attach_lora_wrappers
 from corolla.models.registry import get_family
-from corolla.wire.errors import ChainFailedError, UnknownAdapterError
+from corolla.wire.errors import UnknownAdapterError
 from corolla.wire.messages import (
     BackwardRequest,
     BackwardResponse,
@@ -105,7 +108,7 @@ class RemoteLora(nn.Module):
         self._version, self._fingerprint = 0, None
         self._uploaded: dict[str, tuple[str, set[int]]] = {}  # peer -> (adapter name, blocks it holds)
         self._locks: dict[str, asyncio.Lock] = {}
-        self._manager = None
+        self._manager = None  # the swarm chain that has our uploads, once one has
 
     @property
     def scale(self) -> float:
@@ -190,6 +193,7 @@ class RemoteLora(nn.Module):
 
     async def ensure_uploaded(self, manager, peer: str, start: int, end: int, name: str) -> None:
         """Upload version ``name``'s slices for blocks [start, end) to ``peer`` unless it already has them."""
+        self._manager = manager
         lock = self._locks.setdefault(peer, asyncio.Lock())
         async with lock:
             held_name, held = self._uploaded.get(peer, ("", set()))
@@ -250,157 +254,88 @@ def _upload_groups(lora: RemoteLora, blocks: list[int], max_bytes: int) -> list[
     return groups
 
 
-class LoraChain:
-    """A :class:`~corolla.client.chain.RemoteChain` whose blocks run with a :class:`RemoteLora`.
+class LoraChain(RemoteChain):
+    """A chain whose blocks run with a :class:`RemoteLora`: every call below carries its :class:`LoraExtras`.
 
-    On the swarm, forward/backward go through :class:`LoraBlocksFunction`; on an in-process chain
-    (``LocalChain``: tests, references) the same math runs locally under ordinary autograd.
+    Deliberately not a transparent proxy: code that drives the chain below directly (requests without the
+    adapter) must not mistake this chain for it and bypass the LoRA.
     """
 
-    def __init__(self, chain, lora: RemoteLora):
+    def __init__(self, chain: RemoteChain, lora: RemoteLora):
         self.chain, self.lora = chain, lora
         self.num_blocks = chain.num_blocks
-        self.swarm = hasattr(chain, "make_route")
-        if self.swarm:
-            lora._manager = chain
-        else:
-            attach_lora_wrappers(chain.stack)
 
-    # Deliberately not a transparent proxy: code that drives the swarm directly (``make_route``, requests
-    # without the adapter) must not mistake this chain for the plain manager and bypass the LoRA.
-    def show_route(self, *args, **kwargs) -> str:
-        return self.chain.show_route(*args, **kwargs)
+    def forward(self, hidden, positions, attention_mask, start: int = 0, end: int | None = None, *,
+                prompts=None, extras: ChainExtras = NO_EXTRAS) -> torch.Tensor:  # fmt: skip
+        self._refuse_other(extras)
+        extras = LoraExtras(self.lora, self.lora.current_name())
+        return self.chain.forward(hidden, positions, attention_mask, start, end, prompts=prompts, extras=extras)
+
+    def open_session(
+        self, max_length: int, *, adapter=None, prompts=None, extras: ChainExtras = NO_EXTRAS
+    ) -> ChainSession:
+        self._refuse_other(extras)
+        if adapter:
+            raise ValueError(f"a model with a client LoRA attached cannot also use served adapter {adapter!r}")
+        extras = LoraExtras(self.lora, self.lora.current_name())
+        return self.chain.open_session(max_length, prompts=prompts, extras=extras)
+
+    @staticmethod
+    def _refuse_other(extras) -> None:
+        if extras is not NO_EXTRAS:
+            raise ValueError("a chain with a client LoRA takes no other trainable extras")
+
+    def show_route(self) -> str:
+        return self.chain.show_route()
 
     def shutdown(self) -> None:
         """Release the uploads on the servers (best effort), then leave the swarm."""
-        if self.swarm:
-            try:
-                self.lora.release()
-            except Exception as e:  # servers gone or slow: their TTL drops the uploads
-                logger.debug("Releasing the LoRA uploads failed: %r", e)
-        shutdown = getattr(self.chain, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
-
-    def forward(self, hidden, positions, attention_mask, start: int = 0, end: int | None = None) -> torch.Tensor:
-        end = self.num_blocks if end is None else end
-        if not self.swarm:
-            base = self.chain.stack.start
-            with use_adapter(self._fused(base + start, base + end)):
-                return self.chain.forward(hidden, positions, attention_mask, start=start, end=end)
-        params = [t for block, name in self.lora.keys if start <= block < end for t in self.lora.pair(block, name)]
-        return LoraBlocksFunction.apply(hidden, self, positions, attention_mask, start, end, *params)
-
-    def _fused(self, start: int, end: int, detach: bool = False):
-        weights = self.lora.weights(start, end)
-        if detach:
-            weights = {b: {n: (a.detach(), bb.detach()) for n, (a, bb) in p.items()} for b, p in weights.items()}
-        return fuse_weights(weights, self.lora.scale, self.lora.family, self.lora.model_config)
-
-    def open_session(self, max_length: int):
-        if self.swarm:
-            return _lora_session_class()(self.chain, max_length, self.lora)
-        return _LocalLoraSession(self.chain.open_session(max_length), self._fused(0, self.num_blocks, detach=True))
+        try:
+            self.lora.release()
+        except Exception as e:  # servers gone or slow: their TTL drops the uploads
+            logger.debug("Releasing the LoRA uploads failed: %r", e)
+        self.chain.shutdown()
 
 
-class _LocalLoraSession:
-    def __init__(self, session, fused):
-        self.session, self.fused, self.max_length = session, fused, session.max_length
-
-    @property
-    def position(self) -> int:
-        return self.session.position
-
-    def step(self, hidden, positions, attention_mask):
-        with use_adapter(self.fused):
-            return self.session.step(hidden, positions, attention_mask)
-
-    def close(self) -> None:
-        self.session.close()
-
-
-@functools.cache
-def _lora_session_class() -> type:
-    """``LoraInferenceSession``, built on first use so that importing this module loads no network code."""
-    from corolla.client.inference_session import InferenceSession
-
-    class LoraInferenceSession(InferenceSession):
-        """An inference session whose servers apply the client's LoRA (uploaded to each hop as it opens)."""
-
-        def __init__(self, manager, max_length: int, lora: RemoteLora):
-            super().__init__(manager, max_length)
-            self.lora = lora
-            self.adapter = lora.current_name()  # sent in InferenceOpen; servers do not announce client adapters
-            self.route_adapter = None
-
-        async def _open_hop(self, hop):
-            await self.lora.ensure_uploaded(self.manager, hop.peer_id, hop.start, hop.end, self.adapter)
-            return await super()._open_hop(hop)
-
-    return LoraInferenceSession
-
-
-class LoraBlocksFunction(torch.autograd.Function):
-    """``apply(hidden, lora_chain, positions, mask, start, end, *lora_params)`` -> hidden after [start, end)."""
-
-    @staticmethod
-    def forward(ctx, hidden, chain, positions, mask, start, end, *params):
-        manager, lora = chain.chain, chain.lora
-        name = lora.current_name()
-        out, chunks = manager.bridge.run(
-            forward_chunks(
-                manager, hidden.detach(), positions, mask, None, start, end, extras=_LoraExtras(lora, name)
-            )
-        )
-        ctx.chain, ctx.chunks, ctx.name, ctx.span = chain, chunks, name, (start, end)
-        ctx.hidden_dtype = hidden.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        manager, lora = ctx.chain.chain, ctx.chain.lora
-        extras = _LoraExtras(lora, ctx.name)
-        grad_hidden, _, grads = manager.bridge.run(
-            backward_chunks(manager, ctx.chunks, grad_output.contiguous(), None, ctx.span[0], extras)
-        )
-        ctx.chunks = None  # free the saved span inputs
-        start, end = ctx.span
-        params = []
-        for block, name in lora.keys:
-            if start <= block < end:
-                a, b = lora.pair(block, name)
-                ga, gb = grads[(block, name)]
-                params += [ga.to(a.dtype), gb.to(b.dtype)]
-        return (grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None, *params)
-
-
-# --- the async work, on the client's network loop ----------------------------------------------------------
-
-
-class _LoraExtras(SpanExtras):
-    """The client's LoRA on the training path of :mod:`corolla.client.remote_autograd`: uploaded to each server
-    before its requests, named in them, and its A/B gradients collected from each backward."""
-
-    keep_graphs = True  # the server keeps each forward's graph over our LoRA for its backward
+class LoraExtras(ChainExtras):
+    """One version (``name``) of a client's LoRA riding with a chain's calls."""
 
     def __init__(self, lora: RemoteLora, name: str):
         self.lora, self.adapter = lora, name
 
+    def parameters(self, start: int, end: int) -> list[torch.Tensor]:
+        return [t for block, name in self.lora.keys if start <= block < end for t in self.lora.pair(block, name)]
+
+    # --- on the swarm
+
     async def before_call(self, manager, peer: str, start: int, end: int) -> None:
+        """The server gets this version's slices before its first request (sessions and training)."""
         await self.lora.ensure_uploaded(manager, peer, start, end, self.adapter)
 
-    def note_failure(self, manager, peer: str, error: BaseException, failures: int) -> None:
-        """A server that lost our upload (expired, restarted) gets it again; anything else: the manager's policy."""
+    def recover(self, peer: str, error: BaseException) -> bool:
+        """A server that lost our upload (expired, restarted) gets it again, without a ban."""
         self.lora.forget(peer)
-        if isinstance(error, UnknownAdapterError):
-            limit = manager.config.max_retries
-            if limit is not None and failures > limit:
-                raise ChainFailedError(f"server {peer} kept losing this client's adapter: {error}") from error
-            return
-        manager.note_failure(peer, error, failures)
+        return isinstance(error, UnknownAdapterError)
 
     def span_grads(self, response: BackwardResponse, request: BackwardRequest) -> dict:
         return _lora_grads(response, request, self.lora)
+
+    def param_grads(self, grads: dict, start: int, end: int) -> list[torch.Tensor]:
+        out = []
+        for block, name in self.lora.keys:
+            if start <= block < end:
+                a, b = self.lora.pair(block, name)
+                ga, gb = grads[(block, name)]
+                out += [ga.to(a.dtype), gb.to(b.dtype)]
+        return out
+
+    # --- in process
+
+    def local_context(self, stack, start: int, end: int):
+        """The stack's blocks [start, end) apply the fused weights (wrapping its linears on first use)."""
+        attach_lora_wrappers(stack)
+        lora = self.lora
+        return use_adapter(fuse_weights(lora.weights(start, end), lora.scale, lora.family, lora.model_config))
 
 
 def _lora_grads(response: BackwardResponse, request: BackwardRequest, lora: RemoteLora) -> dict:

@@ -26,8 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from corolla.client.local_chain import LocalChainSession
-from corolla.models.deep_prompts import run_blocks
+from corolla.client.chain import ChainSession, RouteHop
 
 __all__ = ["TUNING_MODES", "PromptTuning", "PromptedChainSession"]
 
@@ -112,24 +111,14 @@ class PromptTuning(nn.Module):
         with torch.no_grad():
             prompts, deep = self.prompts().detach().cpu(), self.deep_prompts()
             deep = None if deep is None else deep.detach().cpu().contiguous()
-        chain, total = layers.chain, max_length + self.pre_seq_len
-        if deep is None:
-            inner = layers.inference_session(total)
-        elif hasattr(chain, "make_route"):  # the swarm; imported here, like the sequence manager
-            from corolla.client.deep_prompt_session import DeepPromptInferenceSession
-
-            inner = DeepPromptInferenceSession(chain, total, deep)
-        elif hasattr(chain, "stack"):
-            inner = _LocalDeepPromptSession(chain.stack, total, deep)
-        else:
-            raise TypeError(f"{type(chain).__name__} cannot run deep prompts")
+        inner = layers.inference_session(max_length + self.pre_seq_len, prompts=deep)
         return PromptedChainSession(inner, prompts, max_length)
 
 
-class PromptedChainSession:
+class PromptedChainSession(ChainSession):
     """A chain session whose first K cache positions hold the prompts; callers see positions after them."""
 
-    def __init__(self, inner, prompts: torch.Tensor, max_length: int):
+    def __init__(self, inner: ChainSession, prompts: torch.Tensor, max_length: int):
         self.inner, self.prompts, self.max_length = inner, prompts, max_length
         self.pre_seq_len = prompts.shape[1]
 
@@ -147,19 +136,12 @@ class PromptedChainSession:
         mask = torch.cat([torch.ones(batch, k, dtype=torch.bool), attention_mask.bool()], dim=1)
         return self.inner.step(hidden, positions, mask)[:, k:]
 
+    @property
+    def failovers(self) -> int:
+        return self.inner.failovers
+
+    def describe_route(self) -> list[RouteHop]:
+        return self.inner.describe_route()
+
     def close(self) -> None:
         self.inner.close()
-
-
-class _LocalDeepPromptSession(LocalChainSession):
-    """The in-process counterpart of ``DeepPromptInferenceSession`` (unit tests, references)."""
-
-    def __init__(self, stack, max_length: int, deep_prompts: torch.Tensor):
-        super().__init__(stack, max_length)
-        self.deep_prompts = deep_prompts
-
-    def _run(self, hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        blocks = (self.stack.start, self.stack.end)
-        return run_blocks(
-            self.stack, blocks, hidden, positions, valid, self.deep_prompts, self._caches, self._position
-        )

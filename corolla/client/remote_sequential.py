@@ -13,9 +13,9 @@ Decisions:
 - Defaults match `LlamaModel.forward` without a cache: every token valid, positions 0..T-1.
 - Slicing gives a view over a sub-range of blocks that calls `chain.forward(start=, end=)`; sessions
   always cover every block, so only the full range opens one.
-- **Autograd.** `forward` goes through `corolla.client.remote_autograd.chain_forward`: on the swarm,
-  when gradients are needed, `loss.backward()` sends the gradients back through the servers; deep
-  prompts (`prompts` [blocks, B or 1, K, H]) travel with the hidden states.
+- **Autograd.** `forward` is the chain's `forward`, differentiable: on the swarm, when gradients are
+  needed, `loss.backward()` sends the gradients back through the servers; deep prompts (`prompts`
+  [blocks, B or 1, K, H]) travel with the hidden states.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from corolla.client.chain import ChainSession, RemoteChain
-from corolla.client.remote_autograd import chain_forward
 
 __all__ = ["RemoteSequential"]
 
@@ -57,17 +56,18 @@ class RemoteSequential(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(length).unsqueeze(0)
         positions = position_ids.to("cpu", torch.long).expand(batch, length)
-        out = chain_forward(
-            self.chain, hidden_states.cpu(), positions, attention_mask.cpu().bool(), self.start, self.end,
-            None if prompts is None else prompts.cpu(),
+        out = self.chain.forward(
+            hidden_states.cpu(), positions, attention_mask.cpu().bool(), self.start, self.end,
+            prompts=None if prompts is None else prompts.cpu(),
         )  # fmt: skip
         return out.to(hidden_states.device)
 
-    def inference_session(self, max_length: int) -> ChainSession:
-        """A raw chain session over every block (`.step(hidden, positions, mask)`, `.position`, `.close()`)."""
+    def inference_session(self, max_length: int, **options) -> ChainSession:
+        """A raw chain session over every block (`.step(hidden, positions, mask)`, `.position`, `.close()`);
+        ``options`` are :meth:`RemoteChain.open_session`'s (adapter, prompts, extras)."""
         if (self.start, self.end) != (0, self.chain.num_blocks):
             raise ValueError("an inference session covers every block; open it on the unsliced layers")
-        return self.chain.open_session(max_length)
+        return self.chain.open_session(max_length, **options)
 
     def __len__(self) -> int:
         return self.end - self.start

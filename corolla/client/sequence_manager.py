@@ -1,11 +1,17 @@
 """The client's view of the swarm: which servers serve which blocks, how fast, and whom to avoid.
 
-``RemoteSequenceManager`` reads ServerInfo records from the DHT (rate-limited, or at once after a
-failure), drops servers of another model or wire version (saying why), measures round-trip times
-with pings, keeps the ban list (one policy: exponential ban times, bounded retries, backoff while
-nothing usable is left), and plans routes with :mod:`corolla.client.routing`. It is the real
-:class:`~corolla.client.chain.RemoteChain`: ``forward`` runs whole sequences through the chain and
-``open_session`` returns an :class:`~corolla.client.inference_session.InferenceSession`.
+``RemoteSequenceManager`` reads ServerInfo records through a :class:`~corolla.swarm.discovery.Discovery`
+(in the background, or at once when no route can be found), drops servers of another model or wire
+version (saying why), measures round-trip times with pings over its
+:class:`~corolla.swarm.transport.Transport`, and plans routes with :mod:`corolla.client.routing`, skipping
+the servers its :class:`~corolla.client.failure_policy.FailurePolicy` bans. It is the swarm's
+:class:`~corolla.client.chain.RemoteChain`: ``forward`` runs whole sequences through the chain
+(:mod:`corolla.client.remote_autograd`) and ``open_session`` returns an
+:class:`~corolla.client.inference_session.InferenceSession`.
+
+The network is two seams: ``from_pretrained_args`` joins the real swarm (a libp2p daemon and a DHT node
+on the client's network thread); unit tests pass :mod:`corolla.swarm.memory`'s in-process transport and
+discovery over real server handlers.
 """
 
 from __future__ import annotations
@@ -14,28 +20,23 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import torch
 
 from corolla.client.active_adapter import current_adapter
+from corolla.client.chain import NO_EXTRAS, ChainExtras, RemoteChain, RouteHop
 from corolla.client.config import ClientConfig
+from corolla.client.failure_policy import FailurePolicy
 from corolla.client.routing import Hop, format_route, plan_max_throughput, plan_min_latency, uncovered_blocks
 from corolla.swarm.bridge import LoopThread
-from corolla.swarm.discovery import fetch_block_infos
+from corolla.swarm.discovery import DHTDiscovery, Discovery
 from corolla.swarm.node import NetworkConfig, SwarmNode
 from corolla.swarm.spans import RemoteSpanInfo, compute_spans
-from corolla.swarm.transport import call
-from corolla.wire.errors import (
-    AdapterLimitError,
-    BadRequestError,
-    CacheFullError,
-    ChainFailedError,
-    MissingBlocksError,
-    SessionLengthError,
-    UnknownAdapterError,
-)
-from corolla.wire.messages import ForwardRequest, ForwardResponse, ModelRef, PingRequest, PingResponse
+from corolla.swarm.transport import P2PTransport, Transport
+from corolla.wire.errors import MissingBlocksError, UnknownAdapterError
+from corolla.wire.messages import ModelRef, PingRequest, PingResponse
 from corolla.wire.records import WIRE_VERSION
 
 logger = logging.getLogger(__name__)
@@ -44,22 +45,25 @@ logger = logging.getLogger(__name__)
 #: for batch forward/backward.
 RouteMode = Literal["min_latency", "max_throughput"]
 
-#: Errors that are the caller's to fix: never retried on another server.
-FATAL_ERRORS = (
-    BadRequestError, SessionLengthError, CacheFullError, MissingBlocksError, ChainFailedError, AdapterLimitError
-)  # fmt: skip
 
-
-class RemoteSequenceManager:
+class RemoteSequenceManager(RemoteChain):
     def __init__(
-        self, config: ClientConfig, model: ModelRef, num_blocks: int, node: SwarmNode, bridge: LoopThread
+        self,
+        config: ClientConfig,
+        model: ModelRef,
+        num_blocks: int,
+        transport: Transport,
+        discovery: Discovery,
+        bridge: LoopThread,
+        on_shutdown: Callable[[], Awaitable[None]] | None = None,
     ):
         self.config, self.model, self.num_blocks = config, model, num_blocks
-        self.node, self.bridge = node, bridge
+        self.transport, self.discovery, self.bridge = transport, discovery, bridge
+        self._on_shutdown = on_shutdown
         self.spans: dict[str, RemoteSpanInfo] = {}
         self.refused: dict[str, str] = {}  # peer -> why we do not use it
         self.rtts: dict[str, float] = {}
-        self._bans: dict[str, tuple[float, int]] = {}  # peer -> (banned until, times banned)
+        self.policy = FailurePolicy(config, on_ban=lambda peer: self.rtts.pop(peer, None))
         self._last_seen: dict[str, float] = {}
         self._updated_at = -math.inf
         self._update_lock = asyncio.Lock()
@@ -82,7 +86,10 @@ class RemoteSequenceManager:
         except BaseException:
             bridge.shutdown()
             raise
-        return cls(cfg, model, config.num_hidden_layers, node, bridge)
+        return cls(
+            cfg, model, config.num_hidden_layers, P2PTransport(node.p2p), DHTDiscovery(node.dht), bridge,
+            on_shutdown=node.shutdown,
+        )  # fmt: skip
 
     # --- swarm state -------------------------------------------------------------------------------
 
@@ -96,7 +103,7 @@ class RemoteSequenceManager:
         async with self._update_lock:
             if not force and time.monotonic() - self._updated_at < self.config.update_period:
                 return
-            infos = await fetch_block_infos(self.node.dht, self.model.dht_prefix, self.num_blocks)
+            infos = await self.discovery.block_infos(self.model.dht_prefix, self.num_blocks)
             now = time.monotonic()
             seen = {peer for servers in infos for peer in servers}
             usable = {}
@@ -140,22 +147,11 @@ class RemoteSequenceManager:
             )
         return None
 
-    def is_banned(self, peer: str) -> bool:
-        entry = self._bans.get(peer)
-        return entry is not None and entry[0] > time.monotonic()
-
-    def ban(self, peer: str, reason: object) -> None:
-        _, count = self._bans.get(peer, (0.0, 0))
-        duration = min(self.config.ban_timeout * 2**count, self.config.max_ban_timeout)
-        self._bans[peer] = (time.monotonic() + duration, count + 1)
-        self.rtts.pop(peer, None)
-        logger.warning("Avoiding server %s for %.0f s: %s", peer, duration, reason or type(reason).__name__)
-
     async def ping(self, peer: str, timeout: float | None = None) -> float | None:
         """Round-trip time to ``peer`` in seconds, or None if it did not answer in time."""
         t0 = time.perf_counter()
         try:
-            await call(self.node.p2p, peer, PingRequest(), PingResponse, timeout or self.config.ping_timeout)
+            await self.transport.call(peer, PingRequest(), PingResponse, timeout or self.config.ping_timeout)
         except Exception as e:  # dial failure, EOF, timeout: all mean "not answering"
             logger.debug("Ping to %s failed: %r", peer, e)
             return None
@@ -166,7 +162,7 @@ class RemoteSequenceManager:
         results = await asyncio.gather(*(self.ping(p) for p in todo))
         for peer, rtt in zip(todo, results):
             if rtt is None:
-                self.ban(peer, "did not answer a ping")
+                self.policy.ban(peer, "did not answer a ping")
             else:
                 self.rtts[peer] = rtt
 
@@ -177,7 +173,7 @@ class RemoteSequenceManager:
         return [
             s
             for s in self.spans.values()
-            if not self.is_banned(s.peer_id)
+            if not self.policy.is_banned(s.peer_id)
             and (adapter is None or adapter in s.info.adapters)
             and (min_free_cache <= 0 or s.info.free_cache_tokens >= min_free_cache)
         ]
@@ -234,7 +230,7 @@ class RemoteSequenceManager:
                 if adapter is not None:
                     why = "; ".join(filter(None, [why, f"only servers announcing adapter {adapter!r} are used"]))
                 raise MissingBlocksError(missing, self.model.dht_prefix, self.config.missing_blocks_timeout, why)
-            banned = sorted(p for p in self.spans if self.is_banned(p))
+            banned = sorted(p for p in self.spans if self.policy.is_banned(p))
             logger.warning(
                 "No usable server for blocks %s (%d banned); retrying in %.1f s", missing, len(banned), backoff
             )
@@ -245,14 +241,15 @@ class RemoteSequenceManager:
     async def _unban_live_servers_of(self, blocks: list[int]) -> bool:
         """Ping banned servers that host any of ``blocks``; lift the ban of those that answer."""
         candidates = [
-            p for p, s in self.spans.items() if self.is_banned(p) and any(s.start <= b < s.end for b in blocks)
+            p
+            for p, s in self.spans.items()
+            if self.policy.is_banned(p) and any(s.start <= b < s.end for b in blocks)
         ]
         rtts = await asyncio.gather(*(self.ping(p) for p in candidates))
         lifted = False
         for peer, rtt in zip(candidates, rtts):
             if rtt is not None:
-                _, count = self._bans[peer]
-                self._bans[peer] = (0.0, count)  # keep the count: a repeat offender is banned longer
+                self.policy.lift_ban(peer)
                 self.rtts[peer] = rtt
                 logger.info("Server %s answers again and is the only one left for some blocks: retrying it", peer)
                 lifted = True
@@ -266,7 +263,7 @@ class RemoteSequenceManager:
 
     def _why(self) -> str:
         reasons = [f"server {p}: {r}" for p, r in self.refused.items()]
-        banned = [p for p in self.spans if self.is_banned(p)]
+        banned = [p for p in self.spans if self.policy.is_banned(p)]
         if banned:
             reasons.append(f"{len(banned)} server(s) failed recently and are avoided")
         return "; ".join(reasons)
@@ -278,55 +275,38 @@ class RemoteSequenceManager:
         logger.info("Route: %s", text)
         return text
 
-    def note_failure(self, peer: str, error: BaseException, failures: int) -> None:
-        """One policy for every call: fatal errors propagate, others ban the server and count a retry."""
-        if isinstance(error, FATAL_ERRORS):
-            raise error
-        self.ban(peer, repr(error))
-        if self.config.max_retries is not None and failures > self.config.max_retries:
-            raise ChainFailedError(f"gave up after {failures} failures; last: {error!r}") from error
+    def route_hops(self, route: list[Hop]) -> list[RouteHop]:
+        names = self._names()
+        return [RouteHop(h.peer_id, names.get(h.peer_id, h.peer_id[-8:]), h.start, h.end) for h in route]
 
-    # --- calls -------------------------------------------------------------------------------------
+    # --- the chain ---------------------------------------------------------------------------------
 
     def forward(
-        self, hidden, positions, attention_mask, start: int = 0, end: int | None = None, adapter: str | None = None
-    ) -> torch.Tensor:
-        """Blocks [start, end) over whole sequences; ``adapter`` (default: see ``corolla.client.lora``)."""
+        self, hidden, positions, attention_mask, start: int = 0, end: int | None = None, *,
+        prompts: torch.Tensor | None = None, extras: ChainExtras = NO_EXTRAS,
+    ) -> torch.Tensor:  # fmt: skip
+        """Blocks [start, end) over whole sequences (see :mod:`corolla.client.remote_autograd`)."""
+        from corolla.client.remote_autograd import remote_forward
+
         end = self.num_blocks if end is None else end
-        adapter = adapter or current_adapter(self.config.active_adapter)
-        rows = max(1, self.config.max_message_bytes // 2 // max(1, hidden[0].numel() * hidden.element_size()))
-        outputs = []
-        for i in range(0, hidden.shape[0], rows):
-            part = slice(i, i + rows)
-            run = self._forward(hidden[part], positions[part], attention_mask[part], start, end, adapter)
-            outputs.append(self.bridge.run(run))
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return remote_forward(self, hidden, positions, attention_mask, start, end, prompts, extras)
 
-    async def _forward(self, hidden, positions, mask, start: int, end: int, adapter: str | None = None):
-        block, x, failures = start, hidden, 0
-        while block < end:
-            hop = (await self.make_route(block, end, mode="max_throughput", adapter=adapter))[0]
-            request = ForwardRequest(self.model, hop.start, hop.end, x, positions, mask, adapter=adapter or "")
-            try:
-                response = await call(
-                    self.node.p2p, hop.peer_id, request, ForwardResponse, self.config.request_timeout,
-                    max_bytes=self.config.max_message_bytes,
-                )  # fmt: skip
-            except Exception as e:
-                failures += 1
-                self.note_failure(hop.peer_id, e, failures)
-                continue
-            x, block = response.hidden.to(hidden.dtype), hop.end
-        return x
-
-    def open_session(self, max_length: int, adapter: str | None = None):
+    def open_session(
+        self, max_length: int, *, adapter: str | None = None, prompts: torch.Tensor | None = None,
+        extras: ChainExtras = NO_EXTRAS,
+    ):  # fmt: skip
         from corolla.client.inference_session import InferenceSession
 
-        return InferenceSession(self, max_length, adapter=adapter)
+        return InferenceSession(self, max_length, adapter=adapter, prompts=prompts, extras=extras)
+
+    def served_adapter(self, adapter: str | None = None) -> str | None:
+        """The served adapter a request started now uses (see :mod:`corolla.client.active_adapter`)."""
+        return adapter or current_adapter(self.config.active_adapter)
 
     def shutdown(self) -> None:
         self._refresher.cancel()
         try:
-            self.bridge.run(self.node.shutdown(), timeout=10)
+            if self._on_shutdown is not None:
+                self.bridge.run(self._on_shutdown(), timeout=10)
         finally:
             self.bridge.shutdown()

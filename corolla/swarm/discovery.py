@@ -3,12 +3,17 @@
 Block ``i`` of a model lives under the key ``"{dht_prefix}.{i}"``; each server stores its record there
 with its peer id (base58) as the subkey, so one key holds every server of that block. Records expire;
 a server refreshes them before they do, and a dead server's records simply lapse.
+
+Readers see the records through one small seam, :class:`Discovery` (what a client needs: the records of
+a model's blocks); :class:`DHTDiscovery` reads the DHT, :class:`corolla.swarm.memory.InMemoryDiscovery`
+serves records a unit test sets.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 from hivemind.dht import DHTNode
 from hivemind.utils import get_dht_time
@@ -18,6 +23,22 @@ from corolla.wire.errors import BadRequestError
 from corolla.wire.records import MAX_MODELS, MAX_RECORD_BYTES, MODELS_KEY, ModelRecord, ServerInfo
 
 logger = logging.getLogger(__name__)
+
+
+class Discovery(Protocol):
+    async def block_infos(self, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
+        """For each block 0..num_blocks-1, ``{peer_id: ServerInfo}`` of the servers announcing it."""
+        ...
+
+
+class DHTDiscovery:
+    """:class:`Discovery` over a DHT node."""
+
+    def __init__(self, dht: DHTNode):
+        self.dht = dht
+
+    async def block_infos(self, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
+        return await fetch_block_infos(self.dht, dht_prefix, num_blocks)
 
 
 def block_key(dht_prefix: str, block: int) -> str:

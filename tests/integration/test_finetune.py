@@ -21,7 +21,6 @@ from corolla.client import remote_autograd
 from corolla.client.classification import AutoDistributedModelForSequenceClassification
 from corolla.client.local_chain import LocalChain
 from corolla.client.model import AutoDistributedModelForCausalLM
-from corolla.client.remote_autograd import chain_forward
 from corolla.models.deep_prompts import run_blocks
 from corolla.models.stack import BlockStack
 from corolla.swarm.transport import call
@@ -63,13 +62,13 @@ def small_chunks(monkeypatch):
 
 def test_swarm_gradients_equal_local_blocks(manager, local_stack, small_chunks):
     hidden, deep, positions, mask, weights = _batch(0)
-    ours = _grads(lambda h, d: chain_forward(manager, h, positions, mask, 0, 8, d), hidden, deep, weights)
+    ours = _grads(lambda h, d: manager.forward(h, positions, mask, 0, 8, prompts=d), hidden, deep, weights)
     theirs = _grads(lambda h, d: run_blocks(local_stack, (0, 8), h, positions, mask, d), hidden, deep, weights)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert ours[2].abs().sum() > 0
     # a sub-range (the spans cross server boundaries) and no prompts
-    sub = _grads(lambda h, d: chain_forward(manager, h, positions, mask, 2, 7), hidden, deep, weights)
+    sub = _grads(lambda h, d: manager.forward(h, positions, mask, 2, 7), hidden, deep, weights)
     ref = _grads(lambda h, d: local_stack(h, positions, mask, None, 0, (2, 7)), hidden, deep, weights)
     torch.testing.assert_close(sub[1], ref[1], atol=1e-4, rtol=0)
 
@@ -272,7 +271,7 @@ def test_servers_killed_mid_generation_and_between_forward_and_backward(
 
         hidden, deep, positions, mask, weights = _batch(4)
         h, d = hidden.clone().requires_grad_(True), deep.clone().requires_grad_(True)
-        out = chain_forward(manager, h, positions, mask, 0, 8, d)
+        out = manager.forward(h, positions, mask, 0, 8, prompts=d)
         used = {span.peer for chunk in out.grad_fn.chunks for span in chunk.spans}
         victims = _covering_victims(used, alive)
         assert victims, f"the forward used {used}, and killing any of them would leave blocks uncovered"

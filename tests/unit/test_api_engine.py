@@ -34,8 +34,8 @@ class ClosingChain(LocalChain):
         self.lock = threading.Lock()
         self.step_hook = None  # called before every step
 
-    def open_session(self, max_length):
-        session = super().open_session(max_length)
+    def open_session(self, max_length, **options):
+        session = super().open_session(max_length, **options)
         close, step = session.close, session.step
         with self.lock:
             self.open_sessions += 1

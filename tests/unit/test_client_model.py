@@ -56,12 +56,12 @@ class RecordingChain(LocalChain):
         self.steps: list[int] = []
         self.closed = 0
 
-    def forward(self, hidden, positions, attention_mask, start=0, end=None):
+    def forward(self, hidden, positions, attention_mask, start=0, end=None, **options):
         self.forwards.append(hidden.shape[1])
-        return super().forward(hidden, positions, attention_mask, start, end)
+        return super().forward(hidden, positions, attention_mask, start, end, **options)
 
-    def open_session(self, max_length):
-        session, chain = super().open_session(max_length), self
+    def open_session(self, max_length, **options):
+        session, chain = super().open_session(max_length, **options), self
         step, close = session.step, session.close
 
         def recording_step(hidden, positions, attention_mask):

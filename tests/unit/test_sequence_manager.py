@@ -1,17 +1,17 @@
-"""The client's resilience policy on a fake swarm (no network): bans, retries, refusals, and retrying a
+"""The client's resilience policy on an in-memory swarm view (no network): bans, retries, refusals, and retrying a
 banned server that is the only one left once it answers pings again."""
 
 from __future__ import annotations
 
 import time
-import types
 
 import pytest
 
 from corolla.client import sequence_manager as sm
 from corolla.client.config import ClientConfig
 from corolla.swarm.bridge import LoopThread
-from corolla.wire.codec import pack
+from corolla.swarm.memory import InMemoryDiscovery
+from corolla.swarm.transport import Transport
 from corolla.wire.errors import BadRequestError, ChainFailedError, MissingBlocksError, UnknownAdapterError
 from corolla.wire.messages import ModelRef
 from corolla.wire.records import ServerInfo, ServerState
@@ -19,48 +19,39 @@ from corolla.wire.records import ServerInfo, ServerState
 MODEL = ModelRef("m", "hash-ok")
 
 
-class FakeDHT:
-    def __init__(self, servers: dict[str, ServerInfo]):
-        self.servers = servers
+class PingOnlyTransport(Transport):
+    """Servers that answer pings while they are in ``alive`` (and time out otherwise)."""
 
-    async def get_many(self, keys, **kwargs):
-        out = {}
-        for key in keys:
-            block = int(key.rsplit(".", 1)[1])
-            entries = {
-                peer: types.SimpleNamespace(value=pack(info))
-                for peer, info in self.servers.items()
-                if info.start <= block < info.end
-            }
-            out[key] = types.SimpleNamespace(value=entries) if entries else None
-        return out
+    def __init__(self, alive: set[str]):
+        self.alive = alive
 
+    async def open_stream(self, peer_id):
+        raise AssertionError("these tests only ping")
 
-@pytest.fixture
-def make(monkeypatch):
-    alive: set[str] = set()
-
-    async def fake_call(p2p, peer, request, expected, timeout, **kwargs):
-        if peer not in alive:
+    async def call(self, peer, request, expected, timeout, **kwargs):
+        if peer not in self.alive:
             raise TimeoutError
         return object()
 
-    monkeypatch.setattr(sm, "call", fake_call)
+
+@pytest.fixture
+def make():
+    alive: set[str] = set()
     made = []
 
     def build(servers, **options):
         options.setdefault("missing_blocks_timeout", 0.3)
         options.setdefault("min_backoff", 0.05)
-        node = types.SimpleNamespace(dht=FakeDHT(servers), p2p=None)
-        manager = sm.RemoteSequenceManager(ClientConfig(**options), MODEL, 4, node, LoopThread())
+        manager = sm.RemoteSequenceManager(
+            ClientConfig(**options), MODEL, 4, PingOnlyTransport(alive), InMemoryDiscovery(servers), LoopThread()
+        )
         made.append(manager)
         alive.update(servers)
         return manager, alive
 
     yield build
     for manager in made:
-        manager._refresher.cancel()
-        manager.bridge.shutdown()
+        manager.shutdown()
 
 
 def info(start, end, config_hash="hash-ok"):
@@ -79,27 +70,29 @@ def test_ban_time_doubles_and_unreachable_servers_are_banned(make):
     manager, alive = make({"a": info(0, 4), "b": info(0, 4)})
     alive.discard("b")
     route = manager.bridge.run(manager.make_route(0, 4))
-    assert [h.peer_id for h in route] == ["a"] and manager.is_banned("b")
-    manager.ban("b", "again")
-    assert manager._bans["b"][0] - time.monotonic() > manager.config.ban_timeout * 1.5  # 2nd ban: twice as long
+    assert [h.peer_id for h in route] == ["a"] and manager.policy.is_banned("b")
+    manager.policy.ban("b", "again")
+    assert (
+        manager.policy._bans["b"][0] - time.monotonic() > manager.config.ban_timeout * 1.5
+    )  # 2nd ban: twice as long
 
 
 def test_banned_only_server_is_retried_when_it_answers(make):
     manager, _ = make({"a": info(0, 4)})
-    manager.ban("a", "a missed a deadline")
+    manager.policy.ban("a", "a missed a deadline")
     route = manager.bridge.run(manager.make_route(0, 4))  # no other server: ping it, lift the ban
-    assert [h.peer_id for h in route] == ["a"] and not manager.is_banned("a")
+    assert [h.peer_id for h in route] == ["a"] and not manager.policy.is_banned("a")
 
 
 def test_failure_policy(make):
     manager, _ = make({"a": info(0, 4)}, max_retries=2)
     with pytest.raises(BadRequestError):
-        manager.note_failure("a", BadRequestError("bad shape"), 1)
-    assert not manager.is_banned("a")  # the caller's mistake is not the server's fault
-    manager.note_failure("a", EOFError(), 1)
-    assert manager.is_banned("a")
+        manager.policy.note_failure("a", BadRequestError("bad shape"), 1)
+    assert not manager.policy.is_banned("a")  # the caller's mistake is not the server's fault
+    manager.policy.note_failure("a", EOFError(), 1)
+    assert manager.policy.is_banned("a")
     with pytest.raises(ChainFailedError, match="after 3 failures"):
-        manager.note_failure("a", EOFError(), 3)
+        manager.policy.note_failure("a", EOFError(), 3)
 
 
 def test_allowed_and_blocked_servers(make):

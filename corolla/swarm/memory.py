@@ -1,0 +1,136 @@
+"""An in-process network for unit tests: the :class:`~corolla.swarm.transport.Transport` and
+:class:`~corolla.swarm.discovery.Discovery` seams without p2pd or a DHT.
+
+Peers are stream handlers registered under a peer id (a server's ``RequestHandler``, the same callable
+hivemind would be given). A stream is two socket pairs joined by a pump: the caller holds one end, a task
+running the handler the other, so every byte goes through the real framing and codec, and the pump is
+where faults are injected per peer, the way integration tests inject them with signals:
+
+- :meth:`InMemoryNetwork.kill` (SIGKILL): the peer's streams close (the caller reads EOF) and new dials
+  are refused;
+- :meth:`InMemoryNetwork.stall` (SIGSTOP): nothing the peer writes gets through and nothing is closed, so
+  open streams get no answer and no EOF, and new dials hang; only a deadline notices;
+- :meth:`InMemoryNetwork.resume` (SIGCONT): bytes flow again, on old streams and new dials.
+
+Records are whatever the test sets in :class:`InMemoryDiscovery`, as servers would announce them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from corolla.swarm.transport import Transport
+from corolla.wire.records import ServerInfo
+
+#: ``handler(stream_info, reader, writer)``: what a server registers (``stream_info.peer_id`` is the caller).
+StreamHandler = Callable[[object, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    peer_id: str
+
+
+class InMemoryNetwork:
+    def __init__(self) -> None:
+        self._handlers: dict[str, StreamHandler] = {}
+        self._flowing: dict[str, asyncio.Event] = {}  # cleared while the peer is stalled
+        self._killed: set[str] = set()
+        self._tasks: dict[str, set[asyncio.Task]] = {}  # the peer's handlers and pumps
+        self._client_ends: dict[str, set[asyncio.StreamWriter]] = {}
+        self.dials: dict[str, int] = {}  # peer -> streams opened to it (for tests' assertions)
+
+    def add_peer(self, peer_id: str, handler: StreamHandler) -> None:
+        self._handlers[peer_id] = handler
+        self._flowing[peer_id] = asyncio.Event()
+        self._flowing[peer_id].set()
+        self._killed.discard(peer_id)
+        self._tasks.setdefault(peer_id, set())
+        self._client_ends.setdefault(peer_id, set())
+
+    def transport(self, caller: str = "client") -> InMemoryTransport:
+        """A transport whose streams reach the handlers as coming from peer ``caller``."""
+        return InMemoryTransport(self, caller)
+
+    def kill(self, peer_id: str) -> None:
+        """Like SIGKILL: open streams end (EOF at the caller), new dials are refused."""
+        self._killed.add(peer_id)
+        self._flowing[peer_id].set()  # a killed peer is not also stalled
+        for task in self._tasks.pop(peer_id, set()):
+            task.cancel()
+        for writer in self._client_ends.pop(peer_id, set()):
+            writer.close()
+
+    def stall(self, peer_id: str) -> None:
+        """Like SIGSTOP: nothing gets through, nothing is closed, new dials hang."""
+        self._flowing[peer_id].clear()
+
+    def resume(self, peer_id: str) -> None:
+        """Like SIGCONT after :meth:`stall`."""
+        self._flowing[peer_id].set()
+
+    async def open_stream(self, caller: str, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if peer_id not in self._handlers or peer_id in self._killed:
+            raise ConnectionRefusedError(f"peer {peer_id} is not reachable")
+        flowing = self._flowing[peer_id]
+        await flowing.wait()  # a dial to a stopped process hangs until the caller's deadline
+        client, client_net = await _stream_pair()
+        server_net, server = await _stream_pair()
+        self.dials[peer_id] = self.dials.get(peer_id, 0) + 1
+        tasks = self._tasks.setdefault(peer_id, set())
+        for coro in (
+            self._handlers[peer_id](StreamInfo(caller), *server),
+            _pump(client_net[0], server_net[1], flowing),
+            _pump(server_net[0], client_net[1], flowing),
+        ):
+            task = asyncio.ensure_future(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        self._client_ends.setdefault(peer_id, set()).add(client_net[1])
+        return client
+
+
+async def _stream_pair():
+    """Two connected (reader, writer) pairs over a socket pair."""
+    a, b = socket.socketpair()
+    return await asyncio.open_connection(sock=a), await asyncio.open_connection(sock=b)
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event) -> None:
+    """Copy bytes while ``flowing`` is set; EOF is passed on as a close."""
+    try:
+        while data := await reader.read(1 << 16):
+            await flowing.wait()
+            writer.write(data)
+            await writer.drain()
+        await flowing.wait()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+class InMemoryTransport(Transport):
+    def __init__(self, network: InMemoryNetwork, caller: str):
+        self.network, self.caller = network, caller
+
+    async def open_stream(self, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await self.network.open_stream(self.caller, peer_id)
+
+
+class InMemoryDiscovery:
+    """Records set by the test: ``servers[peer_id] = ServerInfo`` (one record per server, over its span)."""
+
+    def __init__(self, servers: dict[str, ServerInfo] | None = None):
+        self.servers: dict[str, ServerInfo] = dict(servers or {})
+        self.reads = 0
+
+    async def block_infos(self, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
+        self.reads += 1
+        return [
+            {peer: info for peer, info in self.servers.items() if info.start <= block < info.end}
+            for block in range(num_blocks)
+        ]
