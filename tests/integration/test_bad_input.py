@@ -11,7 +11,6 @@ import pytest
 import torch
 from swarm_harness import make_manager
 
-from corolla.swarm.transport import P2PTransport, call
 from corolla.wire.errors import (
     BadRequestError,
     CacheFullError,
@@ -51,8 +50,8 @@ def s0(manager, shared_swarm):
     peer = shared_swarm.servers["s0"].peer_id
     run = manager.bridge.run
     yield run, peer
-    assert run(call(manager.node.p2p, peer, PingRequest(), PingResponse, 5))
-    good = run(call(manager.node.p2p, peer, _forward(manager.model), ForwardResponse, 10))
+    assert run(manager.transport.call(peer, PingRequest(), PingResponse, 5))
+    good = run(manager.transport.call(peer, _forward(manager.model), ForwardResponse, 10))
     assert good.hidden.shape == (1, 3, 64)
 
 
@@ -80,11 +79,11 @@ def test_bad_forward_is_refused_with_reason(manager, s0, case):
     run, peer = s0
     make, error, text = BAD_FORWARDS[case]
     with pytest.raises(error, match=text):
-        run(call(manager.node.p2p, peer, make(manager.model), ForwardResponse, 10))
+        run(manager.transport.call(peer, make(manager.model), ForwardResponse, 10))
 
 
-async def _raw_exchange(p2p, peer: str, frame: bytes):
-    conn = await P2PTransport(p2p).connect(peer)
+async def _raw_exchange(transport, peer: str, frame: bytes):
+    conn = await transport.connect(peer)
     try:
         conn.writer.write(frame)
         await conn.writer.drain()
@@ -123,14 +122,14 @@ def test_malformed_frames_are_answered_with_errors(manager, s0, case):
         model = [manager.model.dht_prefix, manager.model.config_hash]
         tensor = ["float32", [1, 3, 64], "float32", b"\x00" * 10]
         frame = _frame(Kind.FORWARD_REQUEST, [model, 0, 4, tensor, tensor, tensor, ""])
-    reply = run(_raw_exchange(manager.node.p2p, peer, frame))
+    reply = run(_raw_exchange(manager.transport, peer, frame))
     assert isinstance(reply, ErrorResponse) and reply.code == code
     assert text in reply.message
 
 
-async def _session(p2p, peer: str, model: ModelRef, steps, max_length=8):
+async def _session(transport, peer: str, model: ModelRef, steps, max_length=8):
     """Open a session on [0, 4) and send ``steps`` (offset, tokens); return each reply or error."""
-    conn = await P2PTransport(p2p).connect(peer)
+    conn = await transport.connect(peer)
     replies = []
     try:
         await conn.send(InferenceOpen(model, 0, 4, max_length, 1))
@@ -150,7 +149,7 @@ async def _session(p2p, peer: str, model: ModelRef, steps, max_length=8):
 def test_inference_step_errors_keep_the_session_usable(manager, s0):
     run, peer = s0
     replies = run(
-        _session(manager.node.p2p, peer, manager.model, [(0, 3), (0, 9), (7, 1), (3, 1), (4, 4), (8, 1)])
+        _session(manager.transport, peer, manager.model, [(0, 3), (0, 9), (7, 1), (3, 1), (4, 4), (8, 1)])
     )
     ok, too_long, gap, ok2, ok3, full = replies
     assert isinstance(ok, InferenceStepResult) and isinstance(ok2, InferenceStepResult)
@@ -163,7 +162,7 @@ def test_inference_step_errors_keep_the_session_usable(manager, s0):
 def test_session_over_server_max_length_is_refused(manager, s0):
     run, peer = s0
     with pytest.raises(SessionLengthError, match="inference_max_length"):
-        run(_session(manager.node.p2p, peer, manager.model, [], max_length=10**6))
+        run(_session(manager.transport, peer, manager.model, [], max_length=10**6))
 
 
 def test_cache_budget_waits_then_fails_clearly(shared_swarm, tiny_llama):
@@ -172,26 +171,26 @@ def test_cache_budget_waits_then_fails_clearly(shared_swarm, tiny_llama):
                                      "--attn_cache_tokens", "16", "--max_alloc_timeout", "1", wait=False)  # fmt: skip
     shared_swarm.wait_state(proc, ServerState.ONLINE, "budget")
     manager = make_manager(tiny_llama, shared_swarm.initial_peers, dht_prefix="budget")
-    model, p2p, run = manager.model, manager.node.p2p, manager.bridge.run
+    model, transport, run = manager.model, manager.transport, manager.bridge.run
 
     async def scenario():
-        first = await P2PTransport(p2p).connect(proc.peer_id)
+        first = await transport.connect(proc.peer_id)
         await first.send(InferenceOpen(model, 0, 2, 12, 1))
         await first.recv(InferenceOpened)
-        second = await P2PTransport(p2p).connect(proc.peer_id)
+        second = await transport.connect(proc.peer_id)
         await second.send(InferenceOpen(model, 0, 2, 12, 1))
         with pytest.raises(CacheFullError, match="stayed full for 1.0 s"):
             await asyncio.wait_for(second.recv(InferenceOpened), 30)
         with pytest.raises(CacheFullError, match="whole budget is 32"):
-            await call(p2p, proc.peer_id, InferenceOpen(model, 0, 2, 40, 1), InferenceOpened, 10)
+            await transport.call(proc.peer_id, InferenceOpen(model, 0, 2, 40, 1), InferenceOpened, 10)
         first.close()  # frees its 24 block-tokens: the next session fits
         for _ in range(100):  # the server frees them when it reads the EOF; its info shows when
-            reply = await call(p2p, proc.peer_id, InfoRequest(), InfoResponse, 10)
+            reply = await transport.call(proc.peer_id, InfoRequest(), InfoResponse, 10)
             if reply.info.free_cache_tokens == 16:
                 break
             await asyncio.sleep(0.1)
         assert reply.info.free_cache_tokens == 16
-        third = await P2PTransport(p2p).connect(proc.peer_id)
+        third = await transport.connect(proc.peer_id)
         await third.send(InferenceOpen(model, 0, 2, 12, 1))
         assert isinstance(await asyncio.wait_for(third.recv(InferenceOpened), 30), InferenceOpened)
         third.close()

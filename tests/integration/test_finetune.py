@@ -23,7 +23,6 @@ from corolla.client.local_chain import LocalChain
 from corolla.client.model import AutoDistributedModelForCausalLM
 from corolla.models.deep_prompts import run_blocks
 from corolla.models.stack import BlockStack
-from corolla.swarm.transport import call
 from corolla.wire.errors import BadRequestError
 from corolla.wire.messages import BackwardRequest, BackwardResponse, ForwardResponse, TrainForwardRequest
 from corolla.wire.records import ServerState
@@ -180,7 +179,7 @@ def test_bad_gradients_are_refused_and_the_server_keeps_serving(manager, shared_
 
     def backward(grad, prompts=None):
         request = BackwardRequest(manager.model, 0, 4, hidden, positions, mask, grad, prompts)
-        return run(call(manager.node.p2p, peer, request, BackwardResponse, 30))
+        return run(manager.transport.call(peer, request, BackwardResponse, 30))
 
     with pytest.raises(BadRequestError, match="grad_output must be floating point with the shape of hidden"):
         backward(torch.randn(3, 5, 64))
@@ -194,10 +193,10 @@ def test_bad_gradients_are_refused_and_the_server_keeps_serving(manager, shared_
         request = BackwardRequest(
             manager.model, 0, 4, hidden, positions, mask, torch.randn(3, 6, 64), None, graph_id=b"x" * 65
         )
-        run(call(manager.node.p2p, peer, request, BackwardResponse, 30))
+        run(manager.transport.call(peer, request, BackwardResponse, 30))
     with pytest.raises(BadRequestError, match="not within this server's blocks"):
         request = TrainForwardRequest(manager.model, 0, 6, hidden, positions, mask, None)
-        run(call(manager.node.p2p, peer, request, ForwardResponse, 30))
+        run(manager.transport.call(peer, request, ForwardResponse, 30))
     good = backward(torch.randn(3, 6, 64), deep[:4])
     assert good.grad_hidden.shape == (3, 6, 64) and good.grad_prompts.shape == (4, 1, K, 64)
     # the server never trains its own weights: a second identical backward gives identical gradients
@@ -283,7 +282,7 @@ def test_servers_killed_mid_generation_and_between_forward_and_backward(
         torch.testing.assert_close(out.detach(), theirs[0], atol=1e-4, rtol=0)
         torch.testing.assert_close(h.grad, theirs[1], atol=1e-4, rtol=0)
         torch.testing.assert_close(d.grad, theirs[2], atol=1e-4, rtol=0)
-        assert all(manager.is_banned(peer) for peer in victims)
+        assert all(manager.policy.is_banned(peer) for peer in victims)
     finally:
         model.shutdown()
         swarm.close()

@@ -17,7 +17,6 @@ from transformers import LlamaForCausalLM
 
 from corolla import AutoDistributedModelForCausalLM
 from corolla.client.lora import RemoteLora
-from corolla.swarm.transport import call
 from corolla.wire.errors import AdapterLimitError, BadRequestError, UnknownAdapterError
 from corolla.wire.messages import (
     ForwardRequest,
@@ -159,14 +158,13 @@ def test_unknown_adapter_is_a_clear_error(model, swarm):
 
     async def ask(adapter):
         request = ForwardRequest(manager.model, 0, 8, hidden, positions, mask, adapter=adapter)
-        return await call(manager.node.p2p, peer, request, ForwardResponse, 30)
+        return await manager.transport.call(peer, request, ForwardResponse, 30)
 
     with pytest.raises(UnknownAdapterError, match="'nope' is not served here.*tiny-lora"):
         manager.bridge.run(ask("nope"))
     with pytest.raises(UnknownAdapterError, match="'nope'"):
         manager.bridge.run(
-            call(
-                manager.node.p2p,
+            manager.transport.call(
                 peer,
                 InferenceOpen(manager.model, 0, 8, 8, 1, adapter="nope"),
                 InferenceOpened,
@@ -187,7 +185,7 @@ def test_client_adapter_over_the_bound_is_refused(model, swarm):
             LoraTensors(i, target, torch.zeros(rank, in_features), torch.zeros(b_rows, rank)) for i in range(8)
         )
         request = LoraUploadRequest(manager.model, name, 0, 8, 1.0, weights)
-        return manager.bridge.run(call(manager.node.p2p, peer, request, LoraUploadResponse, 30))
+        return manager.bridge.run(manager.transport.call(peer, request, LoraUploadResponse, 30))
 
     with pytest.raises(AdapterLimitError, match="over the limit of 262144 bytes"):
         upload(rank=100, target="mlp.down_proj", in_features=160)
@@ -197,7 +195,7 @@ def test_client_adapter_over_the_bound_is_refused(model, swarm):
         upload(rank=4, target="self_attn.nope")
     assert upload(rank=4, name="small").stored_bytes == 8 * (4 * 64 + 64 * 4) * 4
     release = LoraReleaseRequest(manager.model, "small")
-    assert manager.bridge.run(call(manager.node.p2p, peer, release, LoraReleaseResponse, 30)).released
+    assert manager.bridge.run(manager.transport.call(peer, release, LoraReleaseResponse, 30)).released
     # the server still serves
     ids = _prompt(5, seed=5)
     with torch.no_grad():
@@ -311,7 +309,7 @@ def _assert_dropped(manager, swarm, name: str) -> None:
     for proc in (swarm.servers["with"], swarm.servers["without"]):
         request = ForwardRequest(manager.model, 0, 8, hidden, positions, mask, adapter=name)
         with pytest.raises(UnknownAdapterError):
-            manager.bridge.run(call(manager.node.p2p, proc.peer_id, request, ForwardResponse, 30))
+            manager.bridge.run(manager.transport.call(proc.peer_id, request, ForwardResponse, 30))
 
 
 def test_client_lora_generation_through_the_swarm(swarm, tiny_llama, peft_init):
