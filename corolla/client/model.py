@@ -23,12 +23,10 @@ Decisions:
   `corolla.client.generation` for how full histories and new-token inputs are told apart.
 - **Without a session**, `forward` runs whole sequences through `chain.forward` (logits for every
   position; positions 0..T-1 unless given, as `LlamaModel.forward`), with autograd through the chain.
-- **Loading.** `from_pretrained` reads only the client tensors (`ClientHead.load`), the generation
-  config (`generation_config.json`, else derived from the config), and connects the swarm through
-  `RemoteSequenceManager.from_pretrained_args`, imported only there; tests pass `chain=LocalChain(...)`.
-  Default dtype float32; `torch_dtype`/`dtype` (transformers 5's name) accept dtypes, names or "auto".
-- **Families** are registered by HF `model_type`; `AutoDistributedModelForCausalLM` reads `model_type`
-  from config.json and dispatches. A family is registered only if `corolla.models` supports it.
+- **Loading** is `DistributedPreTrainedModel.from_pretrained` (`corolla.client.hf_model`), plus the
+  generation config (`generation_config.json`, else derived from the config).
+- **Families** come from `hf_model.FAMILIES`; `AutoDistributedModelForCausalLM` reads `model_type` from
+  config.json and dispatches. A family is registered only if `corolla.models` supports it.
 """
 
 from __future__ import annotations
@@ -39,185 +37,50 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import (
-    BloomConfig,
-    FalconConfig,
-    GenerationConfig,
-    GenerationMixin,
-    LlamaConfig,
-    MistralConfig,
-    MixtralConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen3Config,
-)
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers import GenerationConfig, GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corolla.client.active_adapter import using_adapter
 from corolla.client.chain import RemoteChain
 from corolla.client.generation import GenerationSession
-from corolla.client.ptune import PromptTuning
-from corolla.client.remote_sequential import RemoteSequential
-from corolla.models.checkpoint import Checkpoint, CheckpointError, default_dht_prefix
+from corolla.client.hf_model import (
+    DistributedPreTrainedModel,
+    RemoteDecoderModel,
+    auto_class,
+    family_class_names,
+    family_classes,
+)
+from corolla.models.checkpoint import Checkpoint, CheckpointError
 from corolla.models.client_head import ClientHead
-from corolla.models.registry import UnsupportedModelError, supported_model_types
 
 __all__ = [
+    "MODEL_CLASSES",
     "AutoDistributedModelForCausalLM",
-    "DistributedBloomForCausalLM",
-    "DistributedFalconForCausalLM",
-    "DistributedLlamaForCausalLM",
-    "DistributedMistralForCausalLM",
-    "DistributedMixtralForCausalLM",
     "DistributedModelForCausalLM",
-    "DistributedQwen2ForCausalLM",
-    "DistributedQwen3ForCausalLM",
     "RemoteDecoderModel",
     "register_model_class",
+    *family_class_names("ForCausalLM"),
 ]
 
-# from_pretrained options of transformers that mean nothing for a client holding only the head
-_IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "device_map", "trust_remote_code", "use_safetensors")
 
-
-class RemoteDecoderModel(nn.Module):
-    """`model.model`: embeddings, the remote blocks and the final norm (LlamaModel's layout)."""
-
-    def __init__(self, embed_tokens: nn.Embedding, layers: RemoteSequential, norm: nn.Module):
-        super().__init__()
-        self.embed_tokens, self.layers, self.norm = embed_tokens, layers, norm
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """Whole sequences through every block, no cache; `last_hidden_state` is after the final norm."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        hidden = self.layers(hidden, attention_mask=attention_mask, position_ids=position_ids)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
-
-
-def load_client(
-    cls, auto_name: str, model_name_or_path, *, initial_peers, dht_prefix, dtype, revision, token, chain, options,
-    progress: bool = True,
-):  # fmt: skip
-    """What every distributed model class loads: the client head (checked against ``cls``) and its chain.
-
-    Returns ``(ref, dtype, token, head, chain)``; ``options`` (what is left of the caller's keyword arguments)
-    configure the sequence manager, or must be empty when ``chain`` is given.
-    """
-    for name in _IGNORED_HF_OPTIONS:
-        options.pop(name, None)
-    token = options.pop("use_auth_token", token)
-    ref = str(model_name_or_path)
-    dtype = _resolve_dtype(dtype, ref, revision, token)
-    head = ClientHead.load(ref, dtype=dtype, revision=revision, token=token, progress=progress)
-    config = head.config
-    expected = getattr(cls.config_class, "model_type", None)
-    if expected and config.model_type != expected:
-        raise UnsupportedModelError(
-            f"{cls.__name__} is for model_type {expected!r}, the checkpoint is {config.model_type!r}; "
-            f"use {auto_name}"
-        )
-    if chain is None:
-        from corolla.client.sequence_manager import RemoteSequenceManager
-
-        chain = RemoteSequenceManager.from_pretrained_args(
-            model_ref=ref,
-            config=config,
-            initial_peers=initial_peers,
-            dht_prefix=dht_prefix if dht_prefix is not None else default_dht_prefix(ref),
-            **options,
-        )
-    elif options:
-        raise TypeError(f"unexpected options with an explicit chain: {', '.join(sorted(options))}")
-    return ref, dtype, token, head, chain
-
-
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     """A causal LM whose blocks run on a `RemoteChain`; generation is transformers' `generate`."""
 
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
+    auto_name = "AutoDistributedModelForCausalLM"
 
     def __init__(self, config, head: ClientHead, chain: RemoteChain, *, tuning_mode=None, pre_seq_len: int = 0):
-        super().__init__(config)
-        self.model = RemoteDecoderModel(head.embed_tokens, RemoteSequential(chain), head.norm)
+        super().__init__(config, head, chain, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len)
         self.lm_head = head.lm_head if head.lm_head is not None else _tied_lm_head(head.embed_tokens)
         self._active_sessions: dict[int, list[GenerationSession]] = {}  # thread id -> stack
-        #: trainable prompts (tuning_mode "ptune" / "deep_ptune"); the head is then frozen: only prompts train
-        self.ptune = None if tuning_mode is None else PromptTuning(config, tuning_mode, pre_seq_len)
-        if self.ptune is not None:
-            head.requires_grad_(False)
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_name_or_path: str,
-        *,
-        initial_peers=None,
-        dht_prefix: str | None = None,
-        torch_dtype=None,
-        dtype=None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        chain: RemoteChain | None = None,
-        tuning_mode: str | None = None,
-        pre_seq_len: int = 0,
-        **client_options,
-    ) -> DistributedModelForCausalLM:
-        """Load the client head of a folder or Hub repo and connect it to the swarm (or to `chain`).
-
-        `tuning_mode="ptune"` / `"deep_ptune"` with `pre_seq_len=K` adds K trainable prompts (see
-        `corolla.client.ptune`).
-        """
-        ref, dtype, token, head, chain = load_client(
-            cls, "AutoDistributedModelForCausalLM", model_name_or_path, initial_peers=initial_peers,
-            dht_prefix=dht_prefix, dtype=dtype if dtype is not None else torch_dtype, revision=revision, token=token,
-            chain=chain, options=client_options,
-        )  # fmt: skip
-        config = head.config
-        model = cls(config, head, chain, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len)
-        model.generation_config = _load_generation_config(ref, config, revision, token)
-        return model.eval()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
+    def _finish_loading(self, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
+        self.generation_config = _load_generation_config(checkpoint, self.config)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
-
-    @property
-    def chain(self) -> RemoteChain:
-        return self.model.layers.chain
-
-    def show_route(self) -> str:
-        """The chain of servers a new session would use now (needs a swarm chain)."""
-        return self.chain.show_route()
-
-    def shutdown(self) -> None:
-        """Leave the swarm: stop this client's network thread and libp2p daemon."""
-        shutdown = getattr(self.chain, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
 
     # -- sessions ------------------------------------------------------------------------------------
 
@@ -277,10 +140,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         session = self.active_session
         if session is None:
-            if self.ptune is not None:
-                hidden = self.ptune.run(self.model, input_ids, attention_mask, position_ids, inputs_embeds)
-            else:
-                hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds).last_hidden_state
+            hidden = self._hidden_states(input_ids, attention_mask, position_ids, inputs_embeds)
         else:
             if labels is not None:
                 raise ValueError("labels are not supported inside an inference session; call the model outside it")
@@ -360,81 +220,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return max(total, prompt + 1)
 
 
-class DistributedLlamaForCausalLM(DistributedModelForCausalLM):
-    config_class = LlamaConfig
-
-
-class DistributedMistralForCausalLM(DistributedModelForCausalLM):
-    config_class = MistralConfig
-
-
-class DistributedQwen2ForCausalLM(DistributedModelForCausalLM):
-    config_class = Qwen2Config
-
-
-class DistributedQwen3ForCausalLM(DistributedModelForCausalLM):
-    config_class = Qwen3Config
-
-
-class DistributedMixtralForCausalLM(DistributedModelForCausalLM):
-    config_class = MixtralConfig
-
-
-class DistributedBloomForCausalLM(DistributedModelForCausalLM):
-    """`model.model.embed_tokens` applies BLOOM's word-embeddings LayerNorm (`inputs_embeds` are post-norm)."""
-
-    config_class = BloomConfig
-
-
-class DistributedFalconForCausalLM(DistributedModelForCausalLM):
-    config_class = FalconConfig
-
-
+#: model_type -> causal-LM class, for `AutoDistributedModelForCausalLM`
 MODEL_CLASSES: dict[str, type[DistributedModelForCausalLM]] = {}
+family_classes(DistributedModelForCausalLM, "ForCausalLM", globals(), MODEL_CLASSES)
+AutoDistributedModelForCausalLM = auto_class(
+    "AutoDistributedModelForCausalLM", MODEL_CLASSES, "distributed causal LM", __name__
+)
 
 
 def register_model_class(cls: type[DistributedModelForCausalLM]) -> type[DistributedModelForCausalLM]:
     """Make `AutoDistributedModelForCausalLM` use `cls` for its config class's `model_type`."""
     MODEL_CLASSES[cls.config_class.model_type] = cls
     return cls
-
-
-for _cls in (
-    DistributedLlamaForCausalLM,
-    DistributedMistralForCausalLM,
-    DistributedQwen2ForCausalLM,
-    DistributedQwen3ForCausalLM,
-    DistributedMixtralForCausalLM,
-    DistributedBloomForCausalLM,
-    DistributedFalconForCausalLM,
-):
-    if _cls.config_class.model_type in supported_model_types():
-        register_model_class(_cls)
-
-
-class AutoDistributedModelForCausalLM:
-    """Picks the distributed class from the checkpoint's `model_type`, like transformers' Auto classes."""
-
-    def __init__(self, *args, **kwargs):
-        raise TypeError("use AutoDistributedModelForCausalLM.from_pretrained(...)")
-
-    @classmethod
-    def from_pretrained(cls, model_name_or_path: str, *, revision=None, token=None, **kwargs):
-        return auto_from_pretrained(
-            MODEL_CLASSES, "distributed model", model_name_or_path, revision=revision, token=token, **kwargs
-        )
-
-
-def auto_from_pretrained(
-    classes: dict, what: str, model_name_or_path: str, *, revision=None, token=None, **kwargs
-):
-    """`classes[model_type].from_pretrained(...)` for the checkpoint's `model_type`, or a clear error."""
-    model_type = Checkpoint(str(model_name_or_path), revision=revision, token=token).raw_config.get("model_type")
-    if model_type not in classes:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} has no {what} class; supported: {', '.join(sorted(classes))}"
-        )
-    return classes[model_type].from_pretrained(model_name_or_path, revision=revision, token=token, **kwargs)
 
 
 def _tied_lm_head(embed_tokens: nn.Embedding) -> nn.Linear:
@@ -444,25 +241,11 @@ def _tied_lm_head(embed_tokens: nn.Embedding) -> nn.Linear:
     return head
 
 
-def _resolve_dtype(value, model_ref: str, revision, token) -> torch.dtype:
-    """None -> float32; "auto" -> the checkpoint's dtype (float32 if it names none); names -> torch dtypes."""
-    if value is None:
-        return torch.float32
-    if value == "auto":
-        raw = Checkpoint(model_ref, revision=revision, token=token).raw_config
-        value = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    if isinstance(value, str):
-        value = getattr(torch, value.removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {value!r}")
-    return value
-
-
-def _load_generation_config(model_ref: str, config, revision, token) -> GenerationConfig:
+def _load_generation_config(checkpoint: Checkpoint, config) -> GenerationConfig:
     """The checkpoint's generation_config.json (found like every other file, honouring the HF cache and
     offline settings), else one derived from the model config."""
     try:
-        path = Checkpoint(model_ref, revision=revision, token=token).file("generation_config.json")
+        path = checkpoint.file("generation_config.json")
     except (CheckpointError, OSError):
         return GenerationConfig.from_model_config(config)
     return GenerationConfig.from_pretrained(path.parent, "generation_config.json")
