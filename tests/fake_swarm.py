@@ -47,7 +47,9 @@ class FakeSwarm:
             bridge,
         )  # fmt: skip
 
-    def add_server(self, peer: str, start: int, end: int, latency: float = 0.01, **info) -> None:
+    def add_server(
+        self, peer: str, start: int, end: int, latency: float = 0.01, inference_max_length: int = 512, **info
+    ) -> None:
         """A server hosting blocks [start, end), announcing ``latency`` seconds per token per block."""
         if (start, end) not in self.stacks:
             self.stacks[start, end] = BlockStack.load(
@@ -58,13 +60,14 @@ class FakeSwarm:
         backend = BlockBackend(self.stacks[start, end], worker)
         record = ServerInfo(
             ServerState.ONLINE, start, end, public_name=peer, throughput=100.0, inference_latency=latency,
-            free_cache_tokens=4096, inference_max_length=512, max_batch_size=8, config_hash=self.model.config_hash,
+            free_cache_tokens=4096, inference_max_length=inference_max_length, max_batch_size=8,
+            config_hash=self.model.config_hash,
         )  # fmt: skip
         record = dataclasses.replace(record, **info)
         handler = RequestHandler(
             backend, MemoryCache(4096 * (end - start), 5.0), self.model, lambda: record,
-            inference_max_length=512, max_batch_size=8, request_timeout=30.0, session_timeout=30.0,
-            max_message_bytes=64 * 2**20,
+            inference_max_length=inference_max_length, max_batch_size=8, request_timeout=30.0, session_timeout=30.0,
+            max_message_bytes=64 * 2**20, transport=self.network.transport(caller=peer),
         )  # fmt: skip
         self.network.add_peer(peer, handler)
         self.discovery.servers[peer] = record

@@ -41,6 +41,9 @@ class ClientConfig:
     require_full_precision: bool = False
     #: Where the client's libp2p daemon listens (a client needs no public address).
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    #: Inference steps go server to server (each server pushes its output to the next hop's session and also
+    #: returns it here); False relays every hop through the client. A late or lost push is relayed anyway.
+    push: bool = True
     #: Served LoRA adapter for every request and session unless one names another (Petals' name); None = base.
     active_adapter: str | None = None
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -40,11 +42,13 @@ from corolla.models.deep_prompts import prompt_overlap
 from corolla.swarm.transport import Connection
 from corolla.wire.errors import SessionLengthError
 from corolla.wire.messages import (
+    PUSH_ID_BYTES,
     InferenceOpen,
     InferenceOpened,
     InferencePromptStep,
     InferenceStep,
     InferenceStepResult,
+    PushTarget,
 )
 from corolla.wire.tensors import FLOAT_COMPRESSIONS
 
@@ -65,8 +69,13 @@ class _HopSession:
         self, hop: Hop, conn: Connection, compression: str | None, expected_token_time: float, rtt: float
     ):
         self.hop, self.conn, self.compression = hop, conn, compression
+        #: names this hop's server session for pushed steps, and the secret they must carry
+        self.session_id, self.push_token = os.urandom(PUSH_ID_BYTES), os.urandom(PUSH_ID_BYTES)
+        #: the server's InferenceOpened, awaited before the first step's result (the open rides with it)
+        self.opened: asyncio.Future | None = None
         self.history: list[torch.Tensor] = []
         self.broken = False  # failed: replace it (replaying its history) before its next step
+        self.accepts_push = True  # False after a push into it was late or lost: the client relays to it
         self.token_time = expected_token_time  # EMA of seconds per token in multi-token steps
         self.step_time = expected_token_time + rtt  # EMA of seconds per one-token step
 
@@ -80,6 +89,8 @@ class _HopSession:
             self.token_time = 0.7 * self.token_time + 0.3 * seconds / tokens
 
     def close(self) -> None:
+        if self.opened is not None and not self.opened.done():
+            self.opened.cancel()
         self.conn.close()
 
 
@@ -107,6 +118,9 @@ class InferenceSession(ChainSession):
         self._batch_size: int | None = None
         self.closed = False
         self.failovers = 0
+        self._step_ids = itertools.count(1)
+        #: hops whose input of the current step came pushed by the previous server (relayed if late)
+        self.relayed_pushes = 0
 
     @property
     def position(self) -> int:
@@ -137,26 +151,42 @@ class InferenceSession(ChainSession):
         if not self._hops:
             self._batch_size = hidden.shape[0]
             self._hops = await self._open_chain(0, self.manager.num_blocks, None)
-        x, i = hidden, 0
+        x, i, step_id = hidden, 0, next(self._step_ids)
+        push = self._push_allowed(hidden.shape[1])
         while i < len(self._hops):
-            attempt = functools.partial(self._hop_attempt, i, x, positions, mask)
+            pushed = push and i > 0 and self._hops[i].accepts_push
+            attempt = functools.partial(self._hop_attempt, i, x, positions, mask, step_id, push, pushed)
             x, i = await self.manager.policy.retry(attempt, self.extras.recover), i + 1
         self._positions.append(positions)
         self._masks.append(mask)
         self._position += hidden.shape[1]
         return x.to(hidden.dtype)
 
-    async def _hop_attempt(self, i: int, x, positions, mask) -> torch.Tensor:
+    def _push_allowed(self, tokens: int) -> bool:
+        """Whether this step goes server to server: push on, several hops, no deep prompts in this step."""
+        if not self.manager.config.push or len(self._hops) < 2:
+            return False
+        return self.prompts is None or prompt_overlap(self.prompts.shape[2], self._position, tokens) == 0
+
+    async def _hop_attempt(self, i: int, x, positions, mask, step_id: int, push: bool, pushed: bool):
         """Hop ``i``'s part of this step; a hop that failed before is first replaced (its span re-planned
-        and its input history replayed to the new servers), downstream hops are untouched."""
+        and its input history replayed to the new servers), downstream hops are untouched. With ``push``
+        the hop is told to push its output on; ``pushed``: its input should already be on its way from the
+        previous server (the first attempt then sends nothing unless the push is late)."""
         hop = self._hops[i]
         if hop.broken:
             self._hops[i : i + 1] = await self._open_chain(hop.hop.start, hop.hop.end, hop.history)
             self.failovers += 1
-            hop = self._hops[i]
+            hop, pushed = self._hops[i], False
+        targets = []  # the rest of the chain, up to a hop that pushes do not reach
+        for h in self._hops[i + 1 :] if push else ():
+            if not h.accepts_push:
+                break
+            targets.append(PushTarget(h.hop.peer_id, h.session_id, h.push_token))
+        message = self._step_message(hop.hop, self._position, x, positions, mask, step_id, tuple(targets))
         async with blame(hop.hop.peer_id):
             try:
-                y = await self._hop_step(hop, x, positions, mask)
+                y = await self._hop_step(hop, message, pushed)
             except BaseException:
                 hop.broken = True
                 hop.close()
@@ -164,20 +194,58 @@ class InferenceSession(ChainSession):
         hop.history.append(x)
         return y
 
-    async def _hop_step(self, hop: _HopSession, x, positions, mask) -> torch.Tensor:
-        tokens = x.shape[1]
+    async def _hop_step(self, hop: _HopSession, message, pushed: bool) -> torch.Tensor:
+        """Send ``message`` (unless its input was ``pushed``) and wait for the hop's output; a pushed input
+        that is late by a deadline is relayed (the server runs a step id once, whichever copy comes first)."""
+        tokens = message.hidden.shape[1]
         t0 = time.perf_counter()
-        await hop.conn.send(self._step_message(hop.hop, self._position, x, positions, mask), hop.compression)
-        result = await self._await_alive(hop, hop.conn.recv(InferenceStepResult), hop.expected(tokens))
+        if not pushed:
+            await self._send_step(hop, message)
+        await self._confirm_open(hop)
+        result = asyncio.ensure_future(self._recv_result(hop, message.step_id))
+        try:
+            if pushed:
+                cfg = self.manager.config
+                deadline = max(cfg.step_timeout_floor, cfg.step_timeout_factor * hop.expected(tokens))
+                done, _ = await asyncio.wait({result}, timeout=deadline)
+                if not done:  # relay it, and from now on relay every step to this hop
+                    logger.info(
+                        "A push to %s was late by %.2f s: relaying to it from now on", hop.hop.peer_id, deadline
+                    )
+                    self.relayed_pushes += 1
+                    hop.accepts_push = False
+                    t0 = time.perf_counter()
+                    await self._send_step(hop, message)
+            output = await self._await_alive(hop, result, hop.expected(tokens))
+        finally:
+            if not result.done():
+                result.cancel()
         hop.observe(tokens, time.perf_counter() - t0)
-        return result.hidden
+        return output.hidden
 
-    def _step_message(self, hop: Hop, offset: int, x, positions, mask):
-        """The message of one step of ``hop`` at cache ``offset``: with the hop's deep prompts if it covers any."""
+    async def _send_step(self, hop: _HopSession, message) -> None:
+        try:
+            await hop.conn.send(message, hop.compression)
+        except (ConnectionError, OSError):
+            await self._confirm_open(hop)  # a server that refused the open closes the stream: say why
+            raise
+
+    @staticmethod
+    async def _recv_result(hop: _HopSession, step_id: int) -> InferenceStepResult:
+        """The result of step ``step_id`` (results of steps the client no longer waits for are skipped)."""
+        while True:
+            result = await hop.conn.recv(InferenceStepResult)
+            if result.step_id == step_id:
+                return result
+            logger.debug("Skipped a stale result (step %d, waiting for %d)", result.step_id, step_id)
+
+    def _step_message(self, hop: Hop, offset: int, x, positions, mask, step_id: int = 0, push=()):
+        """The message of one step of ``hop`` at cache ``offset``: with the hop's deep prompts if it covers any
+        (never pushed), else an ``InferenceStep`` that the server pushes on to ``push``."""
         if self.prompts is None or prompt_overlap(self.prompts.shape[2], offset, x.shape[1]) == 0:
-            return InferenceStep(offset, x, positions, mask)
+            return InferenceStep(offset, x, positions, mask, step_id, push)
         prompts = self.prompts[hop.start : hop.end].to(x.dtype).contiguous()
-        return InferencePromptStep(offset, x, positions, mask, prompts)
+        return InferencePromptStep(offset, x, positions, mask, prompts, step_id)
 
     async def _await_alive(self, hop: _HopSession, coro, expected: float):
         """Await ``coro``; past each deadline, ping the server and give up only if it does not answer."""
@@ -212,20 +280,25 @@ class InferenceSession(ChainSession):
         return opened
 
     async def _open_chain_attempt(self, start: int, end: int, history: list[torch.Tensor] | None):
+        """Open every hop of a new route at once (the opens travel concurrently and the first step follows
+        each open without waiting for its answer), then replay ``history`` hop by hop if there is one."""
         # skip servers that announce too little free cache for this session (relaxed if nobody has room)
         need = (self._batch_size or 1) * self.max_length
         route = await self.manager.make_route(start, end, min_free_cache=need, adapter=self.route_adapter)
-        opened: list[_HopSession] = []
+        results = await asyncio.gather(*(self._open_hop(hop) for hop in route), return_exceptions=True)
+        opened = [r for r in results if isinstance(r, _HopSession)]
         try:
+            for hop, result in zip(route, results):
+                if isinstance(result, BaseException):
+                    async with blame(hop.peer_id):
+                        raise result
             x = torch.cat(history, dim=1) if history else None
-            for hop in route:
-                async with blame(hop.peer_id):
-                    session = await self._open_hop(hop)
-                    opened.append(session)
-                    if x is not None:
-                        y = await self._replay(session, x)
-                        session.history = [x]
-                        x = y
+            for session in opened if x is not None else ():
+                async with blame(session.hop.peer_id):
+                    await self._confirm_open(session)
+                    y = await self._replay(session, x)
+                    session.history = [x]
+                    x = y
         except BaseException:
             for session in opened:
                 session.close()
@@ -233,25 +306,38 @@ class InferenceSession(ChainSession):
         return opened
 
     async def _open_hop(self, hop: Hop) -> _HopSession:
+        """Connect and send ``InferenceOpen``; the answer is awaited later (:meth:`_confirm_open`)."""
         manager = self.manager
         await self.extras.before_call(manager, hop.peer_id, hop.start, hop.end)
         conn = await manager.transport.connect(hop.peer_id, manager.config.max_message_bytes)
+        info = manager.spans[hop.peer_id].info if hop.peer_id in manager.spans else None
+        latency = info.inference_latency if info and info.inference_latency > 0 else DEFAULT_LATENCY
+        expected = latency * (hop.end - hop.start)
+        rtt = manager.rtts.get(hop.peer_id, DEFAULT_RTT)
+        # until the server answers, send in the dtype it announces (it computes in it: no precision is lost)
+        announced = info.torch_dtype if info is not None else None
+        session = _HopSession(hop, conn, announced if announced in FLOAT_COMPRESSIONS else None, expected, rtt)
         try:
-            adapter = self.adapter or ""
+            push = (session.session_id, session.push_token) if manager.config.push else (b"", b"")
             await conn.send(
-                InferenceOpen(manager.model, hop.start, hop.end, self.max_length, self._batch_size, adapter)
+                InferenceOpen(
+                    manager.model, hop.start, hop.end, self.max_length, self._batch_size, self.adapter or "", *push
+                )
             )
-            info = manager.spans[hop.peer_id].info if hop.peer_id in manager.spans else None
-            latency = info.inference_latency if info and info.inference_latency > 0 else DEFAULT_LATENCY
-            expected = latency * (hop.end - hop.start)
-            rtt = manager.rtts.get(hop.peer_id, DEFAULT_RTT)
-            session = _HopSession(hop, conn, None, expected, rtt)
-            opened = await self._await_alive(session, conn.recv(InferenceOpened), expected + rtt)
         except BaseException:
             conn.close()
             raise
-        session.compression = opened.dtype if opened.dtype in FLOAT_COMPRESSIONS else None
+        session.opened = asyncio.ensure_future(
+            self._await_alive(session, conn.recv(InferenceOpened), expected + rtt)
+        )
         return session
+
+    async def _confirm_open(self, session: _HopSession) -> None:
+        """Wait for the hop's ``InferenceOpened`` (once) and send in the dtype the server computes in."""
+        if session.opened is None:
+            return
+        opened, session.opened = await session.opened, None
+        session.compression = opened.dtype if opened.dtype in FLOAT_COMPRESSIONS else None
 
     async def _replay(self, session: _HopSession, x: torch.Tensor) -> torch.Tensor:
         """Send the whole history to a fresh server, in chunks that fit a message; returns its outputs."""

@@ -27,41 +27,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING
 
 import torch
 
 from corolla.models.deep_prompts import run_blocks
+from corolla.server.backend import BlockBackend
+from corolla.server.checks import check_inputs, check_prompts, check_range
 from corolla.server.compute import PRIORITY_FORWARD
 from corolla.server.saved_graphs import DEFAULT_MAX_BYTES, SavedGraph, SavedGraphs, activation_bytes
 from corolla.wire.errors import BadRequestError, SessionLengthError
 from corolla.wire.messages import BackwardRequest, BackwardResponse, ForwardResponse, TrainForwardRequest
 
-if TYPE_CHECKING:
-    from corolla.server.backend import BlockBackend
-
 #: Makes the blocks use a request's extra trainable tensors while it is active.
 ExtraContext = Callable[[Sequence[torch.Tensor]], AbstractContextManager]
-
-
-def check_prompts(prompts: torch.Tensor | None, num_blocks: int, hidden: torch.Tensor, what: str = "prompts"):
-    """Deep prompts must be floating ``[num_blocks, B or 1, K, H]`` with ``1 <= K``."""
-    if prompts is None:
-        return
-    batch, _, hidden_size = hidden.shape
-    shape = list(prompts.shape)
-    if (
-        prompts.ndim != 4
-        or shape[0] != num_blocks
-        or shape[1] not in (1, batch)
-        or shape[2] < 1
-        or shape[3] != hidden_size
-        or not prompts.is_floating_point()
-    ):
-        raise BadRequestError(
-            f"{what} must be floating point [{num_blocks} blocks, {batch} or 1, prompt tokens >= 1, "
-            f"{hidden_size}], got {prompts.dtype} {shape}"
-        )
 
 
 class TrainingBackend:
@@ -81,8 +59,8 @@ class TrainingBackend:
 
     def _check(self, request: TrainForwardRequest | BackwardRequest) -> None:
         backend = self.backend
-        backend.check_range(request.start, request.end)
-        backend.check_inputs(request.hidden, request.positions, request.attention_mask, None)
+        check_range(backend.stack, request.start, request.end)
+        check_inputs(backend.hidden_size, request.hidden, request.positions, request.attention_mask, None)
         batch, tokens = request.hidden.shape[:2]
         if batch > self.max_batch_size:
             raise BadRequestError(f"batch of {batch} is over this server's limit of {self.max_batch_size}")

@@ -9,6 +9,7 @@ well-framed but invalid inference step is answered with an error and the session
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from corolla.server.adapters import AdapterStore, lora_backward, lora_forward
 from corolla.server.backend import BlockBackend
 from corolla.server.backward import TrainingBackend
 from corolla.server.memory_cache import MemoryCache
+from corolla.server.push import MAX_PUSH_HOPS, LiveSession, Pusher, SessionDirectory
+from corolla.swarm.transport import Transport
 from corolla.wire.errors import (
     BadRequestError,
     RemoteError,
@@ -30,6 +33,7 @@ from corolla.wire.errors import (
 from corolla.wire.framing import read_message, write_message
 from corolla.wire.messages import (
     BackwardRequest,
+    BackwardResponse,
     ErrorResponse,
     ForwardRequest,
     ForwardResponse,
@@ -49,6 +53,7 @@ from corolla.wire.messages import (
     PingResponse,
     ProbeRequest,
     ProbeResponse,
+    PushedStep,
     TrainForwardRequest,
 )
 from corolla.wire.records import ServerInfo
@@ -73,9 +78,13 @@ class RequestHandler:
         session_timeout: float,
         max_message_bytes: int,
         adapters: AdapterStore | None = None,
+        transport: Transport | None = None,
     ):
         self.backend, self.memory, self.model, self.get_info = backend, memory, model, get_info
         self.adapters = adapters
+        #: opens streams to other servers, for pushing steps (None: this server does not push)
+        self.transport = transport
+        self.sessions = SessionDirectory()
         self.inference_max_length = inference_max_length
         self.max_batch_size = max_batch_size
         self.request_timeout = request_timeout
@@ -85,6 +94,19 @@ class RequestHandler:
         self.accepting = True
         self.active_sessions = 0
         self._tasks: set[asyncio.Task] = set()
+        #: message type that starts a call -> its handler (peer, request, reader, writer)
+        self._handlers = {
+            PingRequest: self._ping,
+            InfoRequest: self._info,
+            ProbeRequest: self._probe,
+            ForwardRequest: self._forward,
+            TrainForwardRequest: self._training,
+            BackwardRequest: self._training,
+            LoraUploadRequest: self._lora_upload,
+            LoraReleaseRequest: self._lora_release,
+            InferenceOpen: self._inference,
+            PushedStep: self._pushes,
+        }
 
     async def __call__(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -103,58 +125,72 @@ class RequestHandler:
 
     async def _serve(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await asyncio.wait_for(read_message(reader, self.max_bytes), self.request_timeout)
-        if isinstance(request, PingRequest):
-            await self._send(writer, PingResponse(time.time()))
-        elif isinstance(request, InfoRequest):
-            await self._send(writer, InfoResponse(self.get_info()))
-        elif isinstance(request, ProbeRequest):  # another server measuring its bandwidth to us
-            await self._send(writer, ProbeResponse(len(request.payload)))
-        elif isinstance(request, ForwardRequest):
-            self._check_model(request.model)
-            self._check_accepting()
-            with self._use_adapter(peer, request.adapter, request.start, request.end):
-                out = await asyncio.wait_for(
-                    self.backend.forward(
-                        request.start, request.end, request.hidden, request.positions, request.attention_mask
-                    ),
-                    self.request_timeout,
-                )
-            await self._send(writer, ForwardResponse(out))
-        elif isinstance(request, (TrainForwardRequest, BackwardRequest)):
-            self._check_model(request.model)
-            self._check_accepting()
-            serve = self.training.forward if isinstance(request, TrainForwardRequest) else self.training.backward
-            own = self._client_adapter(peer, request)
-            if own is not None and isinstance(
-                request, BackwardRequest
-            ):  # the client's LoRA: its grads go back too
-                response = await asyncio.wait_for(
-                    lora_backward(self.training, own, request, peer), self.request_timeout
-                )
-            elif own is not None and request.graph_id:  # keep the forward's graph over the client's LoRA
-                response = await asyncio.wait_for(
-                    lora_forward(self.training, own, request, peer), self.request_timeout
-                )
-            else:
-                with self._use_adapter(peer, request.adapter, request.start, request.end):
-                    response = await asyncio.wait_for(serve(request, peer), self.request_timeout)
-            await self._send(writer, response)
-        elif isinstance(request, LoraUploadRequest):
-            self._check_model(request.model)
-            self._check_accepting()
-            if self.adapters is None:
-                raise BadRequestError("this server does not accept client adapters")
-            await self._send(writer, LoraUploadResponse(self.adapters.upload(peer, request)))
-        elif isinstance(request, LoraReleaseRequest):
-            self._check_model(request.model)
-            released = self.adapters is not None and self.adapters.release(peer, request.name)
-            await self._send(writer, LoraReleaseResponse(released))
-        elif isinstance(request, InferenceOpen):
-            await self._inference(peer, request, reader, writer)
-        else:
+        handler = self._handlers.get(type(request))
+        if handler is None:
             raise BadRequestError(f"{type(request).__name__} cannot start a call")
+        await handler(peer, request, reader, writer)
+
+    # -- one handler per message type that starts a call ---------------------------------------------
+
+    async def _ping(self, peer: str, request: PingRequest, reader, writer) -> None:
+        await self._send(writer, PingResponse(time.time()))
+
+    async def _info(self, peer: str, request: InfoRequest, reader, writer) -> None:
+        await self._send(writer, InfoResponse(self.get_info()))
+
+    async def _probe(self, peer: str, request: ProbeRequest, reader, writer) -> None:
+        """Another server measuring its bandwidth to us."""
+        await self._send(writer, ProbeResponse(len(request.payload)))
+
+    async def _forward(self, peer: str, request: ForwardRequest, reader, writer) -> None:
+        self._check_model(request.model)
+        self._check_accepting()
+        with self._use_adapter(peer, request.adapter, request.start, request.end):
+            out = await asyncio.wait_for(
+                self.backend.forward(
+                    request.start, request.end, request.hidden, request.positions, request.attention_mask
+                ),
+                self.request_timeout,
+            )
+        await self._send(writer, ForwardResponse(out))
+
+    async def _training(self, peer: str, request: TrainForwardRequest | BackwardRequest, reader, writer) -> None:
+        self._check_model(request.model)
+        self._check_accepting()
+        response = await asyncio.wait_for(self._training_call(peer, request), self.request_timeout)
+        await self._send(writer, response)
+
+    async def _lora_upload(self, peer: str, request: LoraUploadRequest, reader, writer) -> None:
+        self._check_model(request.model)
+        self._check_accepting()
+        if self.adapters is None:
+            raise BadRequestError("this server does not accept client adapters")
+        await self._send(writer, LoraUploadResponse(self.adapters.upload(peer, request)))
+
+    async def _lora_release(self, peer: str, request: LoraReleaseRequest, reader, writer) -> None:
+        self._check_model(request.model)
+        released = self.adapters is not None and self.adapters.release(peer, request.name)
+        await self._send(writer, LoraReleaseResponse(released))
+
+    def _training_call(self, peer: str, request: TrainForwardRequest | BackwardRequest):
+        """The coroutine that answers a training call, by whose adapter it names: the client's own LoRA
+        (its gradients go back too; a forward with a graph id keeps its graph over the LoRA), a served
+        adapter, or none."""
+        own = self._client_adapter(peer, request)
+        if own is not None and isinstance(request, BackwardRequest):
+            return lora_backward(self.training, own, request, peer)
+        if own is not None and request.graph_id:
+            return lora_forward(self.training, own, request, peer)
+        serve = self.training.forward if isinstance(request, TrainForwardRequest) else self.training.backward
+
+        async def base() -> ForwardResponse | BackwardResponse:
+            with self._use_adapter(peer, request.adapter, request.start, request.end):
+                return await serve(request, peer)
+
+        return base()
 
     async def _inference(self, peer: str, request: InferenceOpen, reader, writer) -> None:
+        """A session: opened by this message, then one step per message until the client closes it."""
         self._check_model(request.model)
         self._check_accepting()
         self.backend.check_range(request.start, request.end)
@@ -174,36 +210,100 @@ class RequestHandler:
                 "Opened a session for %s: blocks [%d, %d), batch %d, max_length %d",
                 peer, request.start, request.end, request.batch_size, request.max_length,
             )  # fmt: skip
+            live = None
+            if request.session_id or request.push_token:  # steps may also come pushed by the previous server
+                live = self.sessions.register(
+                    request.session_id, request.push_token, session, self.backend.hidden_size
+                )
+            pusher = Pusher(self.transport, self.max_bytes) if self.transport is not None else None
             try:
                 await self._send(writer, InferenceOpened(dtype_name(self.backend.dtype), request.max_length))
                 with adapter:
-                    await self._steps(session, reader, writer)
+                    await self._steps(session, reader, writer, live, pusher)
             finally:
+                if live is not None:
+                    self.sessions.unregister(request.session_id)
+                if pusher is not None:
+                    pusher.close()
                 self.active_sessions -= 1
                 del session
                 logger.info("Closed a session for %s", peer)
 
-    async def _steps(self, session, reader, writer) -> None:
+    async def _steps(self, session, reader, writer, live: LiveSession | None, pusher: Pusher | None) -> None:
+        """Run the session's steps, from its client's stream and (with ``live``) pushed by another server, in
+        arrival order; each ``step_id`` at most once."""
+        done_ids: collections.deque[int] = collections.deque(maxlen=64)
+        read: asyncio.Future | None = None
+        pushed: asyncio.Future | None = None
+        try:
+            while True:
+                if read is None:
+                    read = asyncio.ensure_future(read_message(reader, self.max_bytes))
+                if live is not None and pushed is None:
+                    pushed = asyncio.ensure_future(live.inbox.get())
+                waiting = {read} if pushed is None else {read, pushed}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=self.session_timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    raise ServerBusyError(f"no step for {self.session_timeout:.0f} s; session closed")
+                if pushed is not None and pushed in done:
+                    step, pushed, from_push = pushed.result(), None, True
+                else:
+                    step, read, from_push = read.result(), None, False
+                if not isinstance(step, (InferenceStep, InferencePromptStep, PushedStep)):
+                    raise BadRequestError(f"expected InferenceStep, got {type(step).__name__}")
+                if step.step_id and step.step_id in done_ids:
+                    continue  # arrived both pushed and relayed: computed once, answered once
+                await self._step(session, step, writer, from_push, pusher)
+                if step.step_id:
+                    done_ids.append(step.step_id)
+        finally:
+            for task in (read, pushed):
+                if task is not None:
+                    task.cancel()
+
+    async def _step(self, session, step, writer, from_push: bool, pusher: Pusher | None) -> None:
+        prompts = step.prompts if isinstance(step, InferencePromptStep) else None
+        push = () if isinstance(step, InferencePromptStep) else step.push
+        if push and pusher is None:
+            raise BadRequestError("this server cannot push steps to other servers")
+        if len(push) > MAX_PUSH_HOPS:
+            raise BadRequestError(f"a step may be pushed through at most {MAX_PUSH_HOPS} more hops")
+        self._check_accepting()
+        try:
+            out = await asyncio.wait_for(
+                self.backend.inference_step(
+                    session, step.offset, step.hidden, step.positions, step.attention_mask, prompts
+                ),
+                self.request_timeout,
+            )
+        except RemoteError as e:
+            if from_push:  # its client relays this hop after its deadline
+                logger.info("Dropped a pushed step: %s", e.message)
+            else:  # a well-framed bad step: answer and keep the session
+                await self._answer_error(writer, e, "")
+            return
+        if push:  # the next server first: it is on the critical path
+            target = push[0]
+            pusher.push(target, PushedStep(
+                target.session_id, target.token, step.step_id, step.offset, out, step.positions,
+                step.attention_mask, push[1:],
+            ), None)  # fmt: skip
+        await self._send(writer, InferenceStepResult(out, step.step_id))
+
+    async def _pushes(self, peer: str, first: PushedStep, reader, writer) -> None:
+        """A push stream from another server: deliver each step to its session; a refused one ends it."""
+        step = first
         while True:
             try:
-                step = await asyncio.wait_for(read_message(reader, self.max_bytes), self.session_timeout)
-            except asyncio.TimeoutError:
-                raise ServerBusyError(f"no step for {self.session_timeout:.0f} s; session closed") from None
-            if not isinstance(step, (InferenceStep, InferencePromptStep)):
-                raise BadRequestError(f"expected InferenceStep, got {type(step).__name__}")
-            prompts = step.prompts if isinstance(step, InferencePromptStep) else None
-            self._check_accepting()
-            try:
-                out = await asyncio.wait_for(
-                    self.backend.inference_step(
-                        session, step.offset, step.hidden, step.positions, step.attention_mask, prompts
-                    ),
-                    self.request_timeout,
-                )
-            except RemoteError as e:  # a well-framed bad step: answer and keep the session
-                await self._answer_error(writer, e, "")
-                continue
-            await self._send(writer, InferenceStepResult(out))
+                self.sessions.deliver(step)
+            except RemoteError as e:
+                await self._answer_error(writer, e, peer)
+                return
+            step = await asyncio.wait_for(read_message(reader, self.max_bytes), self.session_timeout)
+            if not isinstance(step, PushedStep):
+                raise BadRequestError(f"a push stream carries PushedStep only, got {type(step).__name__}")
 
     def _use_adapter(self, peer: str, name: str, start: int, end: int) -> AbstractContextManager:
         """Makes the blocks apply adapter ``name`` ("" = none) in compute jobs submitted inside it."""

@@ -19,25 +19,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import random
 import time
 
-import psutil
 import torch
 
 from corolla import __version__
 from corolla.models.checkpoint import Checkpoint, config_hash, default_dht_prefix
-from corolla.models.quant import QUANT_BYTES_PER_WEIGHT, quantize_stack
-from corolla.models.registry import get_family
+from corolla.models.quant import quantize_stack
 from corolla.models.stack import BlockStack
 from corolla.server.adapters import AdapterStore, check_served_adapters, load_served_adapter, parse_adapter_spec
 from corolla.server.backend import BlockBackend
-from corolla.server.block_selection import Span, block_throughputs, choose_best_start, quality, rebalance_target
 from corolla.server.compute import ComputeWorker
 from corolla.server.config import ServerConfig
 from corolla.server.handlers import RequestHandler
 from corolla.server.memory_cache import MemoryCache
+from corolla.server.placement import Placement
 from corolla.server.throughput import (
     ComputeThroughput,
     announced_throughput,
@@ -46,10 +43,9 @@ from corolla.server.throughput import (
     network_tokens_per_second,
     probe_bandwidth,
 )
-from corolla.swarm.discovery import announce, announce_model, fetch_block_infos
+from corolla.swarm.discovery import announce, announce_model
 from corolla.swarm.node import SwarmNode
-from corolla.swarm.spans import RemoteSpanInfo, compute_spans
-from corolla.swarm.transport import PROTOCOL
+from corolla.swarm.transport import PROTOCOL, P2PTransport
 from corolla.wire.messages import ModelRef
 from corolla.wire.records import ModelRecord, ServerInfo, ServerState
 from corolla.wire.tensors import DTYPES, dtype_name
@@ -57,8 +53,6 @@ from corolla.wire.tensors import DTYPES, dtype_name
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0
-#: Memory left for Python, torch, the network stack and activations when sizing --num_blocks from free memory.
-MEMORY_RESERVE = 1.5 * 2**30
 
 
 class Server:
@@ -95,7 +89,11 @@ class Server:
                 ),
             )
             await self._measure_network()
-            start, end = await self._choose_blocks(self.num_model_blocks)
+            self.placement = Placement(
+                cfg, self.node.dht, peer_id=self.peer_id, dht_prefix=self.dht_prefix,
+                config_hash=self.model_ref.config_hash, model_config=model_config, dtype=dtype,
+            )  # fmt: skip
+            start, end = await self.placement.choose_blocks(self.num_model_blocks)
             while start is not None and not stop.is_set():
                 start, end = await self._serve_span(start, end, stop)
         finally:
@@ -130,7 +128,7 @@ class Server:
                 backend, memory, self.model_ref, lambda: self._current_info(memory),
                 inference_max_length=cfg.inference_max_length, max_batch_size=cfg.max_batch_size,
                 request_timeout=cfg.request_timeout, session_timeout=cfg.session_timeout,
-                max_message_bytes=cfg.max_message_bytes, adapters=adapters,
+                max_message_bytes=cfg.max_message_bytes, adapters=adapters, transport=P2PTransport(self.node.p2p),
             )  # fmt: skip
             new_start = await self._serve_until(stop, memory)
             if new_start is None:
@@ -141,64 +139,6 @@ class Server:
         finally:
             self.handler = None
             worker.shutdown()
-
-    async def _swarm_spans(self, states=(ServerState.JOINING, ServerState.ONLINE)) -> dict[str, RemoteSpanInfo]:
-        infos = await fetch_block_infos(self.node.dht, self.dht_prefix, self.num_model_blocks)
-        return {
-            peer: span
-            for peer, span in compute_spans(infos, states).items()
-            if span.info.config_hash == self.model_ref.config_hash
-        }
-
-    def _selection_spans(self, spans: dict[str, RemoteSpanInfo]) -> list[Span]:
-        return [Span(p, s.start, s.end, s.info.throughput or 1.0) for p, s in spans.items()]
-
-    async def _choose_blocks(self, total: int) -> tuple[int, int]:
-        cfg = self.config
-        if cfg.block_indices is not None:
-            start, end = cfg.block_indices
-            if end > total:
-                raise ValueError(f"--block_indices {start}:{end} is past the model's {total} blocks")
-            logger.info("Hosting blocks [%d, %d) as told by --block_indices (no rebalancing)", start, end)
-            return start, end
-        num_blocks = cfg.num_blocks
-        if num_blocks is None:
-            num_blocks = self._blocks_that_fit(total)
-        elif num_blocks > total:
-            raise ValueError(f"--num_blocks {num_blocks} is more than the model's {total} blocks")
-        spans = await self._swarm_spans()
-        spans.pop(self.peer_id, None)
-        throughputs = block_throughputs(self._selection_spans(spans), total)
-        start = choose_best_start(throughputs, num_blocks)
-        logger.info(
-            "Hosting blocks [%d, %d): the weakest span of %d blocks (swarm tokens/s per block: %s)",
-            start, start + num_blocks, num_blocks, [round(t, 1) for t in throughputs],
-        )  # fmt: skip
-        return start, start + num_blocks
-
-    def _blocks_that_fit(self, total: int) -> int:
-        """How many blocks fit in free memory, each with its share of the KV-cache budget."""
-        cfg = self.config
-        family = get_family(self.model_config.model_type)
-        spec = family.block_spec(self.model_config, 0)
-        element = torch.empty((), dtype=self.dtype).element_size()
-        weights = sum(math.prod(shape) for parts in family.weight_map(spec).values() for _, shape in parts)
-        cache = cfg.cache.attn_cache_tokens * 2 * spec.num_kv_heads * spec.head_dim
-        per_block = weights * QUANT_BYTES_PER_WEIGHT.get(cfg.quant_type, element) + cache * element
-        if torch.device(cfg.device).type == "cuda":
-            free = torch.cuda.mem_get_info(torch.device(cfg.device))[0]
-        else:
-            free = psutil.virtual_memory().available
-        usable = max(0.0, free * 0.9 - MEMORY_RESERVE)
-        fit = int(usable // per_block)
-        num_blocks = max(1, min(total, fit))
-        logger.info(
-            "Hosting %d blocks: %.1f GiB free, %.1f MiB per block with its cache budget (weights + "
-            "--attn_cache_tokens %d)%s",
-            num_blocks, free / 2**30, per_block / 2**20, cfg.cache.attn_cache_tokens,
-            "" if fit >= 1 else "; even one block may not fit",
-        )  # fmt: skip
-        return num_blocks
 
     async def _load(self, start: int, end: int, dtype: torch.dtype) -> BlockStack:
         cfg = self.config
@@ -297,7 +237,7 @@ class Server:
     async def _measure_network(self) -> None:
         """Bandwidth to up to three other servers of this model (never anything outside the swarm)."""
         try:
-            spans = await self._swarm_spans((ServerState.ONLINE,))
+            spans = await self.placement.swarm_spans((ServerState.ONLINE,))
         except Exception as e:
             logger.warning("Could not read the DHT to measure the network: %r", e)
             spans = {}
@@ -319,7 +259,7 @@ class Server:
         if self.info.end >= self.num_model_blocks:
             self.next_rtts = ()
             return
-        spans = await self._swarm_spans((ServerState.ONLINE,))
+        spans = await self.placement.swarm_spans((ServerState.ONLINE,))
         peers = sorted(p for p, s in spans.items() if s.start <= self.info.end < s.end and p != self.peer_id)[:5]
         self.next_rtts = await measure_rtts(self.node.p2p, peers)
 
@@ -354,48 +294,13 @@ class Server:
             if rebalance and time.monotonic() >= next_check:
                 next_check = time.monotonic() + _jitter(cfg.balance_period)
                 try:
-                    target = await self._rebalance_target(stop)
+                    target = await self.placement.rebalance_target(self.info, stop)
                 except Exception as e:
                     logger.warning("Rebalancing check failed: %r", e)
                     target = None
                 if target is not None:
                     return target
         return None
-
-    async def _rebalance_target(self, stop: asyncio.Event) -> int | None:
-        """Where to move, if moving raises the swarm's bottleneck enough; confirmed by a second look."""
-        assert self.info is not None
-        me = Span(self.peer_id, self.info.start, self.info.end, self.info.throughput or 1.0)
-
-        async def target() -> tuple[int | None, list[Span]]:
-            spans = await self._swarm_spans()
-            spans.pop(self.peer_id, None)
-            others = self._selection_spans(spans)
-            return rebalance_target([*others, me], me, self.num_model_blocks, self.config.balance_quality), others
-
-        first, _ = await target()
-        if first is None:
-            return None
-        try:  # a random pause, then look again: another server may be moving to the same place
-            pause = random.uniform(0.2, 1.0) * min(self.config.balance_confirm, self.config.balance_period)
-            await asyncio.wait_for(stop.wait(), pause)
-            return None
-        except asyncio.TimeoutError:
-            pass
-        second, others = await target()
-        if second != first:
-            logger.info("Not moving: the swarm changed while deciding")
-            return None
-        length = me.end - me.start
-        (now_min, now_gaps) = quality(block_throughputs([*others, me], self.num_model_blocks))
-        moved = Span(me.peer_id, first, first + length, me.throughput)
-        (after_min, after_gaps) = quality(block_throughputs([*others, moved], self.num_model_blocks))
-        logger.info(
-            "Moving from blocks [%d, %d) to [%d, %d): the swarm's bottleneck goes from %.1f to %.1f tokens/s "
-            "(blocks with no server: %d -> %d)",
-            me.start, me.end, first, first + length, now_min, after_min, now_gaps, after_gaps,
-        )  # fmt: skip
-        return first
 
     async def _move_out(self, new_start: int, new_end: int) -> None:
         """Announce the new blocks as joining and the old as offline, then drain the old blocks' sessions."""

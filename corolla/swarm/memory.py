@@ -42,6 +42,7 @@ class InMemoryNetwork:
         self._tasks: dict[str, set[asyncio.Task]] = {}  # the peer's handlers and pumps
         self._client_ends: dict[str, set[asyncio.StreamWriter]] = {}
         self.dials: dict[str, int] = {}  # peer -> streams opened to it (for tests' assertions)
+        self.dials_from: dict[tuple[str, str], int] = {}  # (caller, peer) -> streams the caller opened to it
 
     def add_peer(self, peer_id: str, handler: StreamHandler) -> None:
         self._handlers[peer_id] = handler
@@ -80,6 +81,7 @@ class InMemoryNetwork:
         client, client_net = await _stream_pair()
         server_net, server = await _stream_pair()
         self.dials[peer_id] = self.dials.get(peer_id, 0) + 1
+        self.dials_from[caller, peer_id] = self.dials_from.get((caller, peer_id), 0) + 1
         tasks = self._tasks.setdefault(peer_id, set())
         for coro in (
             self._handlers[peer_id](StreamInfo(caller), *server),

@@ -80,6 +80,10 @@ class InferenceOpen:
     max_length: int
     batch_size: int
     adapter: str = ""  # LoRA adapter for every step of the session ("" = base model), see ForwardRequest
+    #: names this session for steps pushed by the previous server of the chain (16 random bytes; b"": none)
+    session_id: bytes = b""
+    #: the secret a pushed step must carry (16 random bytes, known to the client and the pushing server)
+    push_token: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -90,22 +94,61 @@ class InferenceOpened:
     max_length: int
 
 
+#: bytes of a session id and of a push token (InferenceOpen, PushTarget, PushedStep)
+PUSH_ID_BYTES = 16
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a step's output goes next: a server of the chain and its session (see :class:`PushedStep`)."""
+
+    peer_id: str
+    session_id: bytes
+    token: bytes
+
+
 @dataclass(frozen=True)
 class InferenceStep:
     """Process ``hidden`` [B, T, H] at cache positions [offset, offset + T).
 
     ``positions`` [B, T] int64 are position ids; ``attention_mask`` [B, T] bool marks real tokens.
+    ``step_id`` names the step (a session computes each id at most once: a step that arrives both pushed
+    and relayed runs once). ``push`` is the rest of the chain: the server sends its output to ``push[0]``
+    as a :class:`PushedStep` carrying ``push[1:]``, besides answering here.
     """
 
     offset: int
     hidden: torch.Tensor
     positions: torch.Tensor
     attention_mask: torch.Tensor
+    step_id: int = 0
+    push: tuple[PushTarget, ...] = ()
+
+
+@dataclass(frozen=True)
+class PushedStep:
+    """A step one server sends straight to the next server's session (server-to-server push).
+
+    Starts a push stream: every message on it is a ``PushedStep``; nothing is answered unless one is refused
+    (an :class:`ErrorResponse`, then the stream closes). The receiving session runs it only if ``token``
+    is its ``push_token``, answers the result to its client as for a client's step, and pushes on to
+    ``push[0]``.
+    """
+
+    session_id: bytes
+    token: bytes
+    step_id: int
+    offset: int
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    attention_mask: torch.Tensor
+    push: tuple[PushTarget, ...] = ()
 
 
 @dataclass(frozen=True)
 class InferenceStepResult:
     hidden: torch.Tensor
+    step_id: int = 0  # the step's (a client skips results of steps it no longer waits for)
 
 
 @dataclass(frozen=True)
@@ -185,6 +228,7 @@ class InferencePromptStep:
     positions: torch.Tensor
     attention_mask: torch.Tensor
     prompts: torch.Tensor
+    step_id: int = 0  # as in InferenceStep (a prompt step is never pushed)
 
 
 @dataclass(frozen=True)
@@ -256,6 +300,7 @@ class Kind(enum.IntEnum):
     INFERENCE_STEP = 9
     INFERENCE_STEP_RESULT = 10
     ERROR = 11
+    PUSHED_STEP = 12
     TRAIN_FORWARD_REQUEST = 20
     BACKWARD_REQUEST = 21
     BACKWARD_RESPONSE = 22
@@ -280,6 +325,7 @@ MESSAGE_CLASSES: dict[Kind, type] = {
     Kind.INFERENCE_STEP: InferenceStep,
     Kind.INFERENCE_STEP_RESULT: InferenceStepResult,
     Kind.ERROR: ErrorResponse,
+    Kind.PUSHED_STEP: PushedStep,
     Kind.TRAIN_FORWARD_REQUEST: TrainForwardRequest,
     Kind.BACKWARD_REQUEST: BackwardRequest,
     Kind.BACKWARD_RESPONSE: BackwardResponse,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-WIRE_VERSION = 2  # 2: probe, training, adapter and LoRA messages; ServerInfo throughput fields
+WIRE_VERSION = 3  # 2: probe, training, adapter and LoRA messages; 3: server-to-server push of inference steps
 MAX_RECORD_BYTES = 16 * 1024
 
 

@@ -274,9 +274,13 @@ def test_client_lora_trains_like_peft_then_is_served(
         from peft import PeftModel
 
         loaded = PeftModel.from_pretrained(copy.deepcopy(reference), saved).eval()
+        loaded_params = dict(loaded.named_parameters())
+        for block, name in lora.keys:  # the file holds exactly our trained weights ...
+            key = f"base_model.model.model.layers.{block}.{name}"
+            assert torch.equal(loaded_params[f"{key}.lora_A.default.weight"], lora.pair(block, name)[0])
+            assert torch.equal(loaded_params[f"{key}.lora_B.default.weight"], lora.pair(block, name)[1])
         ids, mask = _batch(7)
-        with torch.no_grad():
-            torch.testing.assert_close(loaded(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=0)
+        with torch.no_grad():  # ... and PEFT computes with them what the swarm computes
             torch.testing.assert_close(model(ids).logits, loaded(ids).logits, atol=1e-4, rtol=0)
         name = lora.current_name()
         lora.release()

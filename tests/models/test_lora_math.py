@@ -105,11 +105,13 @@ def test_gradients_match_peft(base, tmp_path):
     prefix = stack.family.prefix
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
     assert len(grads) == 2 * sum(len(p) for p in weights.values())
+    # the fused and PEFT's separate projections sum in different orders: fp32 rounding differs by ~1e-5 on
+    # gradients of ~0.05, while a wrong gradient differs by about its own size
     for block, pairs in weights.items():
         for name, (a, b) in pairs.items():
             key = f"base_model.model.{prefix(block)}{name}"
-            torch.testing.assert_close(a.grad, grads[f"{key}.lora_A.default.weight"], atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(b.grad, grads[f"{key}.lora_B.default.weight"], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a.grad, grads[f"{key}.lora_A.default.weight"], atol=ATOL, rtol=1e-3)
+            torch.testing.assert_close(b.grad, grads[f"{key}.lora_B.default.weight"], atol=ATOL, rtol=1e-3)
 
 
 def test_blocks_subset_and_roundtrip(base, tmp_path):

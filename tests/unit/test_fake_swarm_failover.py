@@ -7,7 +7,7 @@ import pytest
 import torch
 from fake_swarm import FakeSwarm
 
-from corolla.wire.errors import ChainFailedError, MissingBlocksError
+from corolla.wire.errors import ChainFailedError, MissingBlocksError, SessionLengthError
 
 FAST = dict(step_timeout_floor=0.2, ping_timeout=0.2, missing_blocks_timeout=2.0, min_backoff=0.05)
 
@@ -64,14 +64,15 @@ def test_dead_server_is_replaced_and_its_history_replayed(make_swarm, inputs):
     dials = {}
 
     def kill_first(session):
-        dials.update(swarm.network.dials)
+        dials.update(swarm.network.dials_from)
         swarm.kill(session.route[0].peer_id)
 
     out, route, names, failovers = _generate(swarm, inputs, fault_at=7, fault=kill_first)
     torch.testing.assert_close(out, _expected(swarm, inputs), atol=1e-5, rtol=0)
     assert failovers == 1 and [h.peer_id for h in route] == ["b", "c"]
     assert swarm.manager.policy.is_banned("a")
-    assert swarm.network.dials["c"] == dials["c"]  # the downstream hop was untouched: no new stream to it
+    # the downstream hop was untouched: the client opened no new stream to it
+    assert swarm.network.dials_from["client", "c"] == dials["client", "c"]
 
 
 def test_stalled_server_is_detected_by_deadline_and_ping(make_swarm, inputs):
@@ -96,6 +97,29 @@ def test_a_slow_but_live_server_is_waited_for(make_swarm, inputs):
     out, route, names, failovers = _generate(swarm, inputs, fault_at=6, fault=pause)
     torch.testing.assert_close(out, _expected(swarm, inputs), atol=1e-5, rtol=0)
     assert failovers == 0 and not swarm.manager.policy.is_banned("a")
+
+
+def test_a_server_stalled_before_the_open_is_answered_is_replaced(make_swarm, inputs):
+    """The open rides with the first step: a server that never answers it is caught by the step's deadline."""
+    swarm = make_swarm()
+    swarm.add_server("a", 0, 4, latency=0.001)
+    swarm.add_server("b", 4, 8, latency=0.001)
+    swarm.add_server("b2", 4, 8, latency=0.01)
+    swarm.stall("b")
+    out, route, names, failovers = _generate(swarm, inputs)
+    torch.testing.assert_close(out, _expected(swarm, inputs), atol=1e-5, rtol=0)
+    assert [h.peer_id for h in route] == ["a", "b2"] and swarm.manager.policy.is_banned("b")
+
+
+def test_a_refused_open_raises_the_servers_error(make_swarm, inputs):
+    """A server that refuses the session (too long for it) answers the open with an error; the client raises
+    that error (fatal: no ban, no retry), although it had already sent the first step."""
+    swarm = make_swarm()
+    swarm.add_server("a", 0, 4)
+    swarm.add_server("b", 4, 8, inference_max_length=8)
+    with pytest.raises(SessionLengthError, match="inference_max_length"):
+        _generate(swarm, inputs)
+    assert not swarm.manager.policy.is_banned("b")
 
 
 def test_route_change_mid_session_splits_a_span(make_swarm, inputs):

@@ -1,0 +1,347 @@
+"""The internet bench: greedy generation through swarms whose peers are a real network latency apart.
+
+    python -m bench.wan [--delays 0,10,25,50] [--servers 2,3] [--modes relay,push] [--new_tokens 32] [--runs 2]
+                        [--jitter_ms 0] [--bandwidth_mbit 0] [--netns] [--workdir DIR]
+
+Every peer (the bootstrap and every server) listens on a fixed port on 127.0.0.1 and announces only the
+address of its own delay proxy (``bench.delay_proxy``, ``--announce_maddrs``), so every connection to a peer,
+from the client or from another server, passes through exactly one proxy: with a one-way delay ``d`` per
+direction, any two peers are ``2d`` apart. After the runs, ``ss -tnp`` must show no connection to a peer's
+real port from anything but the proxy (reported as ``bypassing_connections``).
+
+The swarms: the 8-block tiny Llama (random, seeded, written by transformers) served as [0:4) [4:8) (2 servers)
+and [0:3) [3:6) [6:8) (3 servers), each chain under its own DHT prefix, every server ``--num_threads 1``. For
+each one-way delay (the proxy restarted with it; the servers stay up), each chain and each client mode, a fresh
+client generates ``--new_tokens`` greedy tokens after a 16-token prompt, ``--runs`` times after a warm-up.
+
+Reported per configuration: time to first token, steady tokens/s (first token excluded), ms per token, the
+route, whether the tokens equal local transformers' ``generate``, and **network round trips per token**: (ms per
+token at this delay - ms per token at delay 0, same chain and mode) / the round trip ``2d``. The proxy's own
+round trip is measured first with an echo through it (``proxy_echo_rtt_ms``), next to the load others put on the
+machine. ``--netns`` re-runs the bench inside ``unshare --net`` (root; loopback only) so that nothing else on
+the machine can reach its peers.
+
+Progress goes to stderr; one JSON document to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.common import CpuMonitor, ProcessGroups, log, write_llama
+
+PROMPT_TOKENS = 16
+TINY = dict(
+    hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+    vocab_size=32000,
+)  # fmt: skip
+CHAINS = {2: [(0, 4), (4, 8)], 3: [(0, 3), (3, 6), (6, 8)]}
+#: client options of each mode
+MODES = {"relay": {"push": False}, "push": {"push": True}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def maddr(port: int) -> str:
+    return f"/ip4/127.0.0.1/tcp/{port}"
+
+
+class Peer:
+    """A swarm process with its real port and the port of the proxy in front of it."""
+
+    def __init__(self, name: str):
+        self.name, self.port, self.proxy_port = name, free_port(), free_port()
+        self.proc = None
+        self.peer_id = None
+
+
+class WanSwarm:
+    """Bootstrap + servers behind one proxy process (restartable with another delay)."""
+
+    def __init__(self, groups: ProcessGroups, workdir: Path, ckpt: Path, args):
+        self.groups, self.workdir, self.ckpt, self.args = groups, workdir, ckpt, args
+        self.bootstrap = Peer("dht")
+        self.servers: dict[int, list[Peer]] = {
+            hops: [Peer(f"c{hops}-s{i}") for i in range(len(spans))] for hops, spans in CHAINS.items()
+        }
+        self.echo_port, self.echo_proxy_port = free_port(), free_port()
+        self.proxy = None
+        self.delay_ms: float | None = None
+        self.initial_peers: list[str] = []
+
+    def peers(self) -> list[Peer]:
+        return [self.bootstrap, *(p for chain in self.servers.values() for p in chain)]
+
+    def start_proxy(self, delay_ms: float) -> None:
+        if self.proxy is not None:
+            self.groups.kill(self.proxy, graceful=2)
+        pairs = [f"127.0.0.1:{p.proxy_port}=127.0.0.1:{p.port}" for p in self.peers()]
+        pairs.append(f"127.0.0.1:{self.echo_proxy_port}=127.0.0.1:{self.echo_port}")
+        cmd = ["-m", "bench.delay_proxy", "--delay_ms", str(delay_ms), "--jitter_ms", str(self.args.jitter_ms),
+               "--bandwidth_mbit", str(self.args.bandwidth_mbit)]  # fmt: skip
+        for pair in pairs:
+            cmd += ["--pair", pair]
+        self.proxy = self.groups.start(cmd, f"proxy-{delay_ms:g}ms", stdout=subprocess.PIPE)
+        if self.proxy.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the delay proxy did not start; see {self.proxy.log_path}")
+        self.delay_ms = delay_ms
+
+    def _network_flags(self, peer: Peer, identity: Path) -> list[str]:
+        return ["--host_maddrs", maddr(peer.port), "--announce_maddrs", maddr(peer.proxy_port),
+                "--identity_path", str(identity)]  # fmt: skip
+
+    def _identity(self, peer: Peer) -> Path:
+        from hivemind.p2p import P2P, PeerID
+
+        path = self.workdir / f"{peer.name}.id"
+        if not path.exists():
+            P2P.generate_identity(str(path))
+        peer.peer_id = PeerID.from_identity(path.read_bytes()).to_base58()
+        return path
+
+    def start(self) -> None:
+        identity = self._identity(self.bootstrap)
+        self.bootstrap.proc = self.groups.start(
+            ["-m", "corolla.cli.run_dht", *self._network_flags(self.bootstrap, identity)],
+            "dht",
+            stdout=subprocess.PIPE,
+        )
+        self.bootstrap.proc.stdout.readline()  # its addresses: we know them (the proxy's)
+        self.initial_peers = [f"{maddr(self.bootstrap.proxy_port)}/p2p/{self.bootstrap.peer_id}"]
+        for hops, spans in CHAINS.items():
+            if hops not in self.args.servers:
+                continue
+            for peer, (a, b) in zip(self.servers[hops], spans):
+                identity = self._identity(peer)
+                cmd = ["-m", "corolla.cli.run_server", str(self.ckpt), "--block_indices", f"{a}:{b}",
+                       "--initial_peers", *self.initial_peers, *self._network_flags(peer, identity),
+                       "--public_name", peer.name, "--dht_prefix", f"wan{hops}", "--num_threads", "1",
+                       "--update_period", "15"]  # fmt: skip
+                peer.proc = self.groups.start(cmd, peer.name, env={"OMP_NUM_THREADS": "1"})
+
+    def wait_online(self, timeout: float = 300) -> None:
+        from corolla.swarm.bridge import LoopThread
+        from corolla.swarm.discovery import fetch_block_infos
+        from corolla.swarm.node import NetworkConfig, SwarmNode
+        from corolla.wire.records import ServerState
+
+        bridge = LoopThread("wan-watcher")
+        config = NetworkConfig(initial_peers=tuple(self.initial_peers), client_mode=True)
+        node = bridge.run(SwarmNode.start(config))
+        try:
+            deadline = time.monotonic() + timeout
+            for hops in self.args.servers:
+                pending = {p.peer_id: p for p in self.servers[hops]}
+                while pending:
+                    for peer in pending.values():
+                        if peer.proc.poll() is not None:
+                            raise RuntimeError(f"{peer.name} exited; see {peer.proc.log_path}")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"not online after {timeout} s: {[p.name for p in pending.values()]}")
+                    for servers in bridge.run(fetch_block_infos(node.dht, f"wan{hops}", 8)):
+                        for peer_id, info in servers.items():
+                            if info.state == ServerState.ONLINE:
+                                pending.pop(peer_id, None)
+                    time.sleep(0.3)
+        finally:
+            bridge.run(node.shutdown(), timeout=10)
+            bridge.shutdown()
+
+    def bypassing_connections(self) -> list[str]:
+        """Established TCP connections to a peer's real port made by anything but the proxy."""
+        out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True).stdout
+        real = {p.port for p in self.peers()}
+        bad = []
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) < 4:
+                continue
+            peer_port = int(fields[3].rpartition(":")[2])
+            if peer_port in real and f"pid={self.proxy.pid}," not in line:
+                bad.append(line.strip())
+        return bad
+
+
+def echo_rtt_ms(swarm: WanSwarm, rounds: int = 20) -> float:
+    """Median round trip of 64 bytes through the proxy to an echo server in this process."""
+    with socket.create_connection(("127.0.0.1", swarm.echo_proxy_port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            sock.sendall(b"x" * 64)
+            got = 0
+            while got < 64:
+                got += len(sock.recv(64 - got))
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def start_echo(port: int) -> None:
+    server = socket.create_server(("127.0.0.1", port))
+
+    def serve_one(conn):
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept():
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
+def run_config(
+    swarm: WanSwarm, ckpt: Path, hops: int, mode: str, ids, reference: list[int], args, monitor
+) -> dict:
+    from bench.workload import summarize_runs, timed_generate
+    from corolla import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(ckpt), initial_peers=swarm.initial_peers, dht_prefix=f"wan{hops}", **MODES[mode]
+    )
+    try:
+        timed_generate(model, ids, 4)  # warm-up: connections, the client's first records and pings
+        runs = [timed_generate(model, ids, args.new_tokens, monitor) for _ in range(args.runs)]
+        route = model.show_route()
+    finally:
+        model.shutdown()
+    summary = summarize_runs(runs)
+    return {
+        "ttft_ms": round(summary["ttft_ms"], 1),
+        "steady_tokens_per_s": round(summary["steady_tokens_per_s"], 2),
+        "ms_per_token": round(1000 / summary["steady_tokens_per_s"], 1),
+        "step_ms_median": round(summary["step_ms_median"], 1),
+        "tokens_equal_local_transformers": all(r["tokens"] == reference for r in runs),
+        "route": route,
+        "others_cpu_cores_during_runs": summary["others_cpu_cores_during_runs"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.wan", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--delays", default="0,10,25,50", help="one-way delays to sweep, ms (RTT = 2x)")
+    parser.add_argument("--servers", default="2,3", help="chains to run: 2 and/or 3 servers")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"client modes: {', '.join(MODES)}")
+    parser.add_argument("--new_tokens", type=int, default=32, help="greedy tokens per run")
+    parser.add_argument("--runs", type=int, default=2, help="timed runs per configuration (after a warm-up)")
+    parser.add_argument("--jitter_ms", type=float, default=0.0, help="proxies' uniform jitter per chunk")
+    parser.add_argument("--bandwidth_mbit", type=float, default=0.0, help="proxies' per-direction cap (0: none)")
+    parser.add_argument("--netns", action="store_true", help="run inside `unshare --net` (root, loopback only)")
+    parser.add_argument("--workdir", type=Path, default=None, help="checkpoint and logs (default: a temp dir)")
+    args = parser.parse_args(argv)
+    args.delays = [float(d) for d in args.delays.split(",")]
+    args.servers = [int(s) for s in args.servers.split(",")]
+    args.modes = args.modes.split(",")
+    for hops in args.servers:
+        if hops not in CHAINS:
+            parser.error(f"--servers: {hops} is not one of {sorted(CHAINS)}")
+    for mode in args.modes:
+        if mode not in MODES:
+            parser.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+    if args.netns and not os.environ.get("COROLLA_WAN_IN_NETNS"):
+        if shutil.which("unshare") is None:
+            parser.error("--netns needs unshare")
+        inner = f"ip link set lo up && exec {sys.executable} -m bench.wan " + " ".join(
+            map(_quote, argv if argv is not None else sys.argv[1:])
+        )
+        env = {**os.environ, "COROLLA_WAN_IN_NETNS": "1"}
+        os.execvpe("unshare", ["unshare", "--net", "--", "sh", "-c", inner], env)
+    if 0.0 not in args.delays:
+        args.delays.insert(0, 0.0)  # round trips per token are measured against delay 0
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="corolla-wan-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = write_llama(workdir / "tiny", **TINY, max_shard_size="20MB")
+    ids = torch.randint(3, TINY["vocab_size"], (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    local = LlamaForCausalLM.from_pretrained(ckpt).eval()
+    reference = local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    reference = reference[0, PROMPT_TOKENS:].tolist()
+    del local
+
+    groups = ProcessGroups(workdir)
+    swarm = WanSwarm(groups, workdir, ckpt, args)
+    monitor = CpuMonitor()
+    results, echo = [], {}
+    start_echo(swarm.echo_port)
+    try:
+        swarm.start_proxy(args.delays[0])
+        swarm.start()
+        swarm.wait_online()
+        log(f"swarm online: chains {args.servers} behind proxies")
+        for delay in args.delays:
+            if delay != swarm.delay_ms:
+                swarm.start_proxy(delay)
+            echo[f"{delay:g}"] = round(echo_rtt_ms(swarm), 2)
+            log(f"one-way delay {delay:g} ms: echo round trip through the proxy {echo[f'{delay:g}']} ms")
+            for hops in args.servers:
+                for mode in args.modes:
+                    row = {"one_way_delay_ms": delay, "rtt_ms": 2 * delay, "servers": hops, "mode": mode}
+                    row.update(run_config(swarm, ckpt, hops, mode, ids, reference, args, monitor))
+                    log(f"  {hops} servers, {mode}: {row['steady_tokens_per_s']} tok/s, TTFT {row['ttft_ms']} ms")
+                    results.append(row)
+        bypass = swarm.bypassing_connections()
+    finally:
+        groups.kill_all()
+    for row in results:
+        base = next(
+            r
+            for r in results
+            if r["one_way_delay_ms"] == 0 and r["servers"] == row["servers"] and r["mode"] == row["mode"]
+        )
+        if row["rtt_ms"] > 0:
+            row["network_rtts_per_token"] = round((row["ms_per_token"] - base["ms_per_token"]) / row["rtt_ms"], 2)
+            row["ttft_rtts"] = round((row["ttft_ms"] - base["ttft_ms"]) / row["rtt_ms"], 2)
+    doc = {
+        "bench": "wan",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        },  # fmt: skip
+        "model": {"kind": "random tiny Llama (transformers save_pretrained, seed 0)", **TINY},
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": args.new_tokens,
+        "runs": args.runs,
+        "proxy": {"jitter_ms": args.jitter_ms, "bandwidth_mbit": args.bandwidth_mbit, "echo_rtt_ms": echo},
+        "in_network_namespace": bool(os.environ.get("COROLLA_WAN_IN_NETNS")),
+        "bypassing_connections": bypass,
+        "results": results,
+    }
+    print(json.dumps(doc, indent=1))
+
+
+def _quote(text: str) -> str:
+    return text if re.fullmatch(r"[\w.,:/=+-]+", text) else "'" + text.replace("'", "'\\''") + "'"
+
+
+if __name__ == "__main__":
+    main()
