@@ -1,6 +1,7 @@
 """The internet bench: greedy generation through swarms whose peers are a real network latency apart.
 
-    python -m bench.wan [--delays 0,10,25,50] [--servers 2,3] [--modes relay,push] [--new_tokens 32] [--runs 2]
+    python -m bench.wan [--delays 0,10,25,50] [--servers 2,3] [--modes relay,push,push+lookup,relay+lookup]
+                        [--new_tokens 32] [--runs 2]
                         [--jitter_ms 0] [--bandwidth_mbit 0] [--netns] [--workdir DIR]
 
 Every peer (the bootstrap and every server) listens on a fixed port on 127.0.0.1 and announces only the
@@ -13,6 +14,10 @@ The swarms: the 8-block tiny Llama (random, seeded, written by transformers) ser
 and [0:3) [3:6) [6:8) (3 servers), each chain under its own DHT prefix, every server ``--num_threads 1``. For
 each one-way delay (the proxy restarted with it; the servers stay up), each chain and each client mode, a fresh
 client generates ``--new_tokens`` greedy tokens after a 16-token prompt, ``--runs`` times after a warm-up.
+Modes: ``relay`` (the client relays every hop), ``push`` (servers push to the next server), and either with
+``+lookup`` (speculative decoding with n-gram drafts from the context, ``prompt_lookup_num_tokens=8``; the
+prompt repeats a phrase, and a random model's greedy output repeats itself too, which is what n-gram drafts
+feed on: on a real model this is the repeat-or-edit-a-text case).
 
 Reported per configuration: time to first token, steady tokens/s (first token excluded), ms per token, the
 route, whether the tokens equal local transformers' ``generate``, and **network round trips per token**: (ms per
@@ -49,8 +54,13 @@ TINY = dict(
     vocab_size=32000,
 )  # fmt: skip
 CHAINS = {2: [(0, 4), (4, 8)], 3: [(0, 3), (3, 6), (6, 8)]}
-#: client options of each mode
-MODES = {"relay": {"push": False}, "push": {"push": True}}
+#: client options and generate options of each mode
+MODES = {
+    "relay": ({"push": False}, {}),
+    "push": ({"push": True}, {}),
+    "push+lookup": ({"push": True}, {"prompt_lookup_num_tokens": 8}),
+    "relay+lookup": ({"push": False}, {"prompt_lookup_num_tokens": 8}),
+}
 
 
 def free_port() -> int:
@@ -217,17 +227,27 @@ def run_config(
     from bench.workload import summarize_runs, timed_generate
     from corolla import AutoDistributedModelForCausalLM
 
+    client_options, generate_options = MODES[mode]
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        str(ckpt), initial_peers=swarm.initial_peers, dht_prefix=f"wan{hops}", **MODES[mode]
+        str(ckpt), initial_peers=swarm.initial_peers, dht_prefix=f"wan{hops}", **client_options
     )
     try:
         timed_generate(model, ids, 4)  # warm-up: connections, the client's first records and pings
-        runs = [timed_generate(model, ids, args.new_tokens, monitor) for _ in range(args.runs)]
+        runs = [timed_generate(model, ids, args.new_tokens, monitor, **generate_options) for _ in range(args.runs)]
         route = model.show_route()
+        stats = dict(getattr(model, "speculation_stats", None) or {})
     finally:
         model.shutdown()
     summary = summarize_runs(runs)
+    speculation = {}
+    if generate_options:
+        speculation = {
+            "speculation_last_run": stats,
+            "tokens_per_pass": round(args.new_tokens / max(1, stats.get("passes", 1)), 2),
+            "accepted_per_pass": round(stats.get("accepted", 0) / max(1, stats.get("passes", 1)), 2),
+        }
     return {
+        **speculation,
         "ttft_ms": round(summary["ttft_ms"], 1),
         "steady_tokens_per_s": round(summary["steady_tokens_per_s"], 2),
         "ms_per_token": round(1000 / summary["steady_tokens_per_s"], 1),
@@ -280,7 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="corolla-wan-"))
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = write_llama(workdir / "tiny", **TINY, max_shard_size="20MB")
-    ids = torch.randint(3, TINY["vocab_size"], (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    phrase = torch.randint(
+        3, TINY["vocab_size"], (1, PROMPT_TOKENS // 2), generator=torch.Generator().manual_seed(0)
+    )
+    ids = phrase.repeat(1, 2)  # a phrase said twice (something for n-gram drafts to find)
     local = LlamaForCausalLM.from_pretrained(ckpt).eval()
     reference = local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     reference = reference[0, PROMPT_TOKENS:].tolist()

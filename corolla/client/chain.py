@@ -57,6 +57,13 @@ class ChainSession(ABC):
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the T new tokens through all blocks at ``position``; returns [B, T, H]."""
 
+    @abstractmethod
+    def rewind(self, position: int) -> None:
+        """Forget the tokens from ``position`` on (``0 <= position <= self.position``); the next step goes there.
+
+        Nothing is sent: the next step overwrites the caches from ``position`` (speculative decoding keeps
+        only the accepted tokens this way, and a failover replays only those)."""
+
     def describe_route(self) -> list[RouteHop]:
         """The servers the session uses now (empty for an in-process chain)."""
         return []

@@ -110,6 +110,18 @@ class GenerationSession:
         ids = torch.cat([self.input_ids.to(input_ids.device), input_ids], dim=1)
         return ids, torch.cat([self.attention_mask.to(new_mask.device), new_mask.long()], dim=1)
 
+    def rewind(self, position: int) -> None:
+        """Forget every token from ``position`` on, sent or pending (the chain's caches are overwritten by the
+        next step)."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind a session holding {self.position} tokens to {position}")
+        self.chain_session.rewind(position)
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[:, :position] if position else None
+        if self.input_ids is not None:
+            self.input_ids = self.input_ids[:, :position] if position else None
+        self.length = position
+
     def record_output(self, sequences: torch.Tensor) -> None:
         """After generate: `sequences` (history + generated) become the known tokens; the last one is pending.
 

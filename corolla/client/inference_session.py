@@ -133,6 +133,19 @@ class InferenceSession(ChainSession):
     def describe_route(self) -> list[RouteHop]:
         return self.manager.route_hops(self.route)
 
+    def rewind(self, position: int) -> None:
+        """Keep the first ``position`` tokens: each hop's input history (what a failover replays), the
+        positions and masks are cut there; the servers' caches are overwritten by the next step."""
+        if not 0 <= position <= self._position:
+            raise ValueError(f"cannot rewind a session holding {self._position} tokens to {position}")
+        if position == self._position:
+            return
+        self._positions = _cut(self._positions, position)
+        self._masks = _cut(self._masks, position)
+        for hop in self._hops:
+            hop.history = _cut(hop.history, position)
+        self._position = position
+
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.closed:
             raise RuntimeError("this inference session is closed")
@@ -363,3 +376,10 @@ class InferenceSession(ChainSession):
         for hop in self._hops:
             self.manager.bridge.loop.call_soon_threadsafe(hop.close)
         self._hops = []
+
+
+def _cut(steps: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+    """The first ``length`` tokens (dim 1) of a list of per-step tensors, as one tensor (or none)."""
+    if length == 0:
+        return []
+    return [torch.cat(steps, dim=1)[:, :length]]

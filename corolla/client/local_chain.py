@@ -43,6 +43,12 @@ class LocalChainSession(ChainSession):
         with torch.inference_mode(), self.extras.local_context(stack, stack.start, stack.end):
             return self._session.step(self.position, hidden, positions, attention_mask.bool(), self.prompts)
 
+    def rewind(self, position: int) -> None:
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind a session holding {self.position} tokens to {position}")
+        if self._session is not None:
+            self._session.rewind(position)
+
     def close(self) -> None:
         self._session = None
 

@@ -50,6 +50,13 @@ from corolla.client.hf_model import (
     family_class_names,
     family_classes,
 )
+from corolla.client.speculative import (
+    AssistantDrafter,
+    PromptLookupDrafter,
+    check_supported,
+    speculative_generate,
+    warpers_for,
+)
 from corolla.models.checkpoint import Checkpoint, CheckpointError
 from corolla.models.client_head import ClientHead
 
@@ -188,6 +195,8 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             session = self.inference_session(self._session_length(input_ids, kwargs, config))
         try:
             input_ids, attention_mask = session.history_with(input_ids, kwargs.pop("attention_mask", None))
+            if _speculating(kwargs, config):
+                return self._speculative_generate(session, input_ids, attention_mask, args, kwargs)
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask
             if kwargs.get("generation_config") is not None:  # transformers warns about kwargs beside a config
@@ -203,6 +212,34 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         finally:
             if owned:
                 session.close()
+
+    def _speculative_generate(self, session: GenerationSession, input_ids, attention_mask, args, kwargs):
+        """``generate`` with ``prompt_lookup_num_tokens`` or ``assistant_model``: see `corolla.client.speculative`."""
+        if args:
+            raise TypeError("pass generate's options by name when speculating")
+        if input_ids is None:
+            raise ValueError("speculative decoding needs input_ids (or a session with a token history)")
+        config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
+        streamer = kwargs.pop("streamer", None)
+        assistant = kwargs.pop("assistant_model", None)
+        generator = kwargs.pop("generator", None)
+        unused = config.update(**kwargs)
+        if unused:
+            raise NotImplementedError(f"not supported with speculative decoding: {', '.join(sorted(unused))}")
+        check_supported(config, input_ids.shape[0], attention_mask)
+        if assistant is not None:
+            drafter = AssistantDrafter(assistant, config, warpers_for(config), generator)
+        else:
+            drafter = PromptLookupDrafter(config.prompt_lookup_num_tokens, config.max_matching_ngram_size or 2)
+        if config.max_new_tokens is not None:
+            max_new = config.max_new_tokens
+        else:
+            max_new = config.max_length - input_ids.shape[1]
+        self.speculation_stats = {}
+        return speculative_generate(
+            self, session, input_ids, config, drafter, max_new_tokens=max_new, streamer=streamer,
+            generator=generator, stats=self.speculation_stats,
+        )  # fmt: skip
 
     @staticmethod
     def _session_length(input_ids: torch.Tensor | None, kwargs: dict, config: GenerationConfig) -> int:
@@ -232,6 +269,16 @@ def register_model_class(cls: type[DistributedModelForCausalLM]) -> type[Distrib
     """Make `AutoDistributedModelForCausalLM` use `cls` for its config class's `model_type`."""
     MODEL_CLASSES[cls.config_class.model_type] = cls
     return cls
+
+
+def _speculating(kwargs: dict, config: GenerationConfig) -> bool:
+    """Whether a generate call asks for assisted (speculative) generation, transformers' way."""
+    given = kwargs.get("generation_config") or config
+    return (
+        kwargs.get("assistant_model") is not None
+        or kwargs.get("prompt_lookup_num_tokens") is not None
+        or given.prompt_lookup_num_tokens is not None
+    )
 
 
 def _tied_lm_head(embed_tokens: nn.Embedding) -> nn.Linear:

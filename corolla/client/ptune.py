@@ -136,6 +136,11 @@ class PromptedChainSession(ChainSession):
         mask = torch.cat([torch.ones(batch, k, dtype=torch.bool), attention_mask.bool()], dim=1)
         return self.inner.step(hidden, positions, mask)[:, k:]
 
+    def rewind(self, position: int) -> None:
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind a session holding {self.position} tokens to {position}")
+        self.inner.rewind(position + self.pre_seq_len if position else 0)  # at 0 the prompts are sent again
+
     @property
     def failovers(self) -> int:
         return self.inner.failovers

@@ -22,6 +22,8 @@ from corolla.swarm.spans import RemoteSpanInfo
 DEFAULT_RTT = 0.05
 #: Assumed seconds per token per block of a server that announced no measurement.
 DEFAULT_LATENCY = 0.01
+#: Pushed routes: the cheapest ways (last servers) of reaching a boundary that are extended further.
+MAX_PUSH_STATES = 8
 #: Assumed tokens/s of a server that announced no throughput.
 DEFAULT_THROUGHPUT = 1.0
 
@@ -46,38 +48,69 @@ def plan_min_latency(
     end: int,
     rtts: Mapping[str, float] | None = None,
     tokens: int = 1,
+    push: bool = False,
 ) -> list[Hop] | None:
-    """The fastest chain over [start, end) for a step of ``tokens`` tokens, or None if some block is uncovered."""
+    """The fastest chain over [start, end) for a step of ``tokens`` tokens, or None if some block is uncovered.
+
+    Relayed (``push`` False), each hop costs the client's round trip to its server. Pushed, a step travels
+    client -> first server -> ... -> last server -> client: half the client's RTT to the first and to the last
+    server, plus half the RTT between consecutive servers, which a server announces for its likely next
+    servers (``next_rtts``); an unannounced pair is assumed to cost the mean of the client's RTTs to both.
+    """
     if not 0 <= start < end:
         raise ValueError(f"bad block range [{start}, {end})")
     rtts = rtts or {}
     spans = sorted(spans, key=lambda s: s.peer_id)
-    # best[i] = (cost, hops, previous boundary, peer) for reaching boundary i
-    best: list[tuple[float, int, int, str] | None] = [None] * (end + 1)
-    best[start] = (0.0, 0, -1, "")
+    between = {s.peer_id: dict(s.info.next_rtts) for s in spans} if push else {}
+
+    def edge(previous: str, peer: str) -> float:
+        if not push:
+            return rtts.get(peer, DEFAULT_RTT)
+        if not previous:
+            return rtts.get(peer, DEFAULT_RTT) / 2
+        rtt = between.get(previous, {}).get(peer)
+        if rtt is None:
+            rtt = (rtts.get(previous, DEFAULT_RTT) + rtts.get(peer, DEFAULT_RTT)) / 2
+        return rtt / 2
+
+    # best[(i, peer)] = (cost, hops, previous state) of reaching boundary i with ``peer`` the last server
+    best: dict[tuple[int, str], tuple[float, int, tuple[int, str] | None]] = {(start, ""): (0.0, 0, None)}
     for i in range(start, end):
-        if best[i] is None:
-            continue
-        cost_i, hops_i = best[i][0], best[i][1]
-        for span in spans:
-            if not span.start <= i < span.end:
-                continue
-            latency = span.info.inference_latency if span.info.inference_latency > 0 else DEFAULT_LATENCY
-            rtt = rtts.get(span.peer_id, DEFAULT_RTT)
-            for j in range(i + 1, min(span.end, end) + 1):
-                candidate = (cost_i + rtt + (j - i) * latency * tokens, hops_i + 1, i, span.peer_id)
-                current = best[j]
-                if current is None or _better(candidate, current):
-                    best[j] = candidate
-    if best[end] is None:
+        states = sorted((key for key in best if key[0] == i), key=lambda k: k[1])
+        # relayed costs do not depend on the previous server: the best state is enough; pushed, keep a few
+        states = sorted(states, key=lambda k: (best[k][0], best[k][1], k[1]))[: MAX_PUSH_STATES if push else 1]
+        for state in states:
+            cost_i, hops_i, _ = best[state]
+            for span in spans:
+                if not span.start <= i < span.end or span.peer_id == state[1]:
+                    continue
+                latency = span.info.inference_latency if span.info.inference_latency > 0 else DEFAULT_LATENCY
+                step = edge(state[1], span.peer_id)
+                for j in range(i + 1, min(span.end, end) + 1):
+                    candidate = (cost_i + step + (j - i) * latency * tokens, hops_i + 1, state)
+                    key = (j, span.peer_id)
+                    if key not in best or _better(candidate, best[key], span.peer_id, span.peer_id):
+                        best[key] = candidate
+    finals = [(key, best[key]) for key in best if key[0] == end]
+    if not finals:
         return None
+
+    def total(item) -> tuple:
+        (_, peer), (cost, hops, _) = item
+        return cost + (rtts.get(peer, DEFAULT_RTT) / 2 if push else 0.0), hops, peer
+
+    key, _ = min(finals, key=lambda item: _rounded(total(item)))
     hops: list[Hop] = []
-    j = end
-    while j != start:
-        _, _, i, peer = best[j]
-        hops.append(Hop(peer, i, j))
-        j = i
+    while best[key][2] is not None:
+        previous = best[key][2]
+        hops.append(Hop(key[1], previous[0], key[0]))
+        key = previous
     return hops[::-1]
+
+
+def _rounded(key: tuple) -> tuple:
+    """Costs within float noise compare equal, so ties fall to fewer hops, then to peer ids."""
+    return (round(key[0], 9), *key[1:])
 
 
 def plan_max_throughput(
@@ -129,11 +162,11 @@ def span_forward_throughput(span: RemoteSpanInfo) -> float:
     return rate if rate > 0 else DEFAULT_THROUGHPUT
 
 
-def _better(a: tuple[float, int, int, str], b: tuple[float, int, int, str]) -> bool:
+def _better(a: tuple, b: tuple, a_peer: str, b_peer: str) -> bool:
     # costs within a relative epsilon count as equal, so float noise does not flip routes
     if not math.isclose(a[0], b[0], rel_tol=1e-9, abs_tol=1e-12):
         return a[0] < b[0]
-    return (a[1], a[3]) < (b[1], b[3])
+    return (a[1], a_peer) < (b[1], b_peer)
 
 
 def format_route(route: list[Hop], names: Mapping[str, str] | None = None) -> str:

@@ -207,7 +207,7 @@ class RemoteSequenceManager(RemoteChain):
             if mode == "max_throughput":
                 route = plan_max_throughput(usable, start, end, self.rtts)
             else:
-                route = plan_min_latency(usable, start, end, self.rtts)
+                route = plan_min_latency(usable, start, end, self.rtts, push=self.config.push)
             if route is not None:
                 log = logger.info if self.config.show_route else logger.debug
                 log("Route for blocks [%d, %d) (%s): %s", start, end, mode, format_route(route, self._names()))

@@ -30,6 +30,12 @@ class KVSession:
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.length = 0
 
+    def rewind(self, length: int) -> None:
+        """Keep only the first ``length`` cached tokens (the next step writes at ``length``)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a session holding {self.length} tokens to {length}")
+        self.length = length
+
     def step(
         self,
         offset: int,

@@ -25,6 +25,28 @@ def test_compute_spans_uses_records_found_and_state():
     assert servers_per_block(blocks, (ServerState.ONLINE,)) == [1, 1, 0, 1, 0, 0]
 
 
+def test_pushed_routes_count_the_rtts_between_servers():
+    """Relayed, only the client's RTTs matter; pushed, the servers' own RTTs to each other (announced as
+    next_rtts) do: two servers close to the client but far from each other lose to a close pair."""
+
+    def server(peer, start, end, next_rtts):
+        info = ServerInfo(ServerState.ONLINE, start, end, inference_latency=0.001, next_rtts=next_rtts)
+        return RemoteSpanInfo(peer, start, end, info)
+
+    spans = [
+        server("l1", 0, 4, (("r1", 0.2), ("r2", 0.2))),
+        server("r1", 4, 8, ()),
+        server("l2", 0, 4, (("r1", 0.2), ("r2", 0.01))),
+        server("r2", 4, 8, ()),
+    ]
+    rtts = {"l1": 0.01, "r1": 0.01, "l2": 0.03, "r2": 0.03}
+    assert plan_min_latency(spans, 0, 8, rtts) == [Hop("l1", 0, 4), Hop("r1", 4, 8)]
+    assert plan_min_latency(spans, 0, 8, rtts, push=True) == [Hop("l2", 0, 4), Hop("r2", 4, 8)]
+    # an unannounced pair is assumed to cost the mean of the client's RTTs to both
+    spans[0] = server("l1", 0, 4, ())
+    assert plan_min_latency(spans, 0, 8, rtts, push=True) == [Hop("l1", 0, 4), Hop("r1", 4, 8)]
+
+
 def test_route_prefers_one_hop_when_compute_is_equal():
     spans = [span("full", 0, 8), span("left", 0, 4), span("right", 4, 8)]
     assert plan_min_latency(spans, 0, 8, {"full": 0.01, "left": 0.01, "right": 0.01}) == [Hop("full", 0, 8)]
