@@ -29,8 +29,8 @@ class ClientProbe:
 
         self.rec: dict[str, list] = {}
         self._patched: list[tuple[type, str, object]] = []
-        self._patch_async(InferenceSession, "_hop_step", "hop", lambda s, hop, x, *a: (hop.hop.peer_id, hop.hop.start,
-                                                                                       hop.hop.end, x.shape[1]))  # fmt: skip
+        self._patch_async(InferenceSession, "_hop_step", "hop", lambda s, hop, message, *a: (
+            hop.hop.peer_id, hop.hop.start, hop.hop.end, message.hidden.shape[1]))  # fmt: skip
         self._patch_async(InferenceSession, "_step", "chain")
         self._patch_async(
             InferenceSession, "_open_chain", "open_chain", lambda s, start, end, history: history is not None
@@ -155,7 +155,11 @@ def _hop_stats(items: list[dict], bench_compute_ms: float | None) -> dict:
 def hop_breakdown(
     probe: ClientProbe, windows, server_records: dict, span_of: dict, bench_compute_ms: dict
 ) -> dict:
-    """Per hop (by span), a one-token step's round trip split by client and server timestamps (ms, medians)."""
+    """Per hop (by span), a one-token step's round trip split by client and server timestamps (ms, medians).
+
+    With push (the client's default) only the first hop is sent by the client; a later hop's "round trip" runs
+    from the client's wait for it (after the previous hop's result) to its result, and has no client-side split.
+    """
     sends, recvs = probe.get("send", windows), probe.get("recv", windows)
     rows: dict[str, list[dict]] = {}
     for t0, t1, (peer, start, end, tokens) in probe.get("hop", windows):

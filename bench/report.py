@@ -54,13 +54,20 @@ def step_fit(result: dict, threads: int) -> dict:
     }
 
 
+def _mean_known(values) -> float:
+    """The mean of the values that were measured (pushed hops have no client-side split), NaN if none were."""
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else float("nan")
+
+
 def _swarm_findings(name: str, key: str, sw: dict) -> list[str]:
     hops = list(sw["per_hop"].values())
     if not hops or not hops[0]["breakdown_ms"]:
         return []
 
-    def avg(prefix):
-        return statistics.mean(next(v for k, v in h["breakdown_ms"].items() if k.startswith(prefix)) for h in hops)
+    def avg(prefix):  # hops whose input was pushed by the previous server have no client-side send to split
+        values = [v for h in hops for k, v in h["breakdown_ms"].items() if k.startswith(prefix) and v is not None]
+        return statistics.mean(values) if values else float("nan")
 
     client = sw["client_breakdown_ms"]
     head = next(v for k, v in client.items() if k.startswith("after_chain"))
@@ -69,7 +76,7 @@ def _swarm_findings(name: str, key: str, sw: dict) -> list[str]:
         f"{name} swarm_{key}: {sw['steady_tokens_per_s']:.1f} tok/s = {sw['ratio_vs_paired_local']:.2f}x local "
         f"({sw['paired_local_steady_tokens_per_s']:.1f} tok/s); step {sw['step_ms_median']:.2f} ms = "
         f"{len(hops)} hop(s) of {statistics.mean(h['round_trip_ms'] for h in hops):.2f} ms "
-        f"(server compute {statistics.mean(h['server_compute_ms'] for h in hops):.2f} ms) + client norm/lm_head "
+        f"(server compute {_mean_known(h['server_compute_ms'] for h in hops):.2f} ms) + client norm/lm_head "
         f"{head:.2f} ms + client generate loop/embedding/bridge {rest:.2f} ms. Per-hop overhead "
         f"{sw['per_hop_overhead_ms']:.2f} ms = transport up+down {avg('transport_up') + avg('transport_down'):.2f} "
         f"+ server outside compute {avg('server_before') + avg('server_after'):.2f} + client send "

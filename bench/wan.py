@@ -258,6 +258,40 @@ def run_config(
     }
 
 
+def run_prefill(swarm: WanSwarm, ckpt: Path, hops: int, tokens: int, args, monitor) -> list[dict]:
+    """Time to the first token of a ``tokens``-token prompt with float32 and with int8 activations (push)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from bench.workload import timed_generate
+    from corolla import AutoDistributedModelForCausalLM
+
+    ids = torch.randint(3, TINY["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(1))
+    local = LlamaForCausalLM.from_pretrained(ckpt).eval()
+    reference = local.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)[0, tokens:].tolist()
+    rows = []
+    for compression in (None, "int8"):
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            str(ckpt),
+            initial_peers=swarm.initial_peers,
+            dht_prefix=f"wan{hops}",
+            activation_compression=compression,
+        )
+        try:
+            timed_generate(model, ids[:, :16], 2)  # warm-up
+            runs = [timed_generate(model, ids, 2, monitor) for _ in range(args.runs)]
+        finally:
+            model.shutdown()
+        rows.append({
+            "prompt_tokens": tokens, "servers": hops, "activation_compression": compression or "none",
+            "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in runs), 1),
+            "ttft_ms_runs": [round(1000 * r["ttft_s"], 1) for r in runs],
+            "tokens_equal_local_transformers": all(r["tokens"] == reference for r in runs),
+        })  # fmt: skip
+        log(f"  prefill of {tokens} tokens, {compression or 'float32'} activations: TTFT {rows[-1]['ttft_ms']} ms")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.wan", description=__doc__.split("\n\n")[0],
@@ -270,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=2, help="timed runs per configuration (after a warm-up)")
     parser.add_argument("--jitter_ms", type=float, default=0.0, help="proxies' uniform jitter per chunk")
     parser.add_argument("--bandwidth_mbit", type=float, default=0.0, help="proxies' per-direction cap (0: none)")
+    parser.add_argument(
+        "--prefill_tokens",
+        type=int,
+        default=0,
+        help="also time the prefill of a prompt this long, float32 vs int8 activations (0: skip)",
+    )
     parser.add_argument("--netns", action="store_true", help="run inside `unshare --net` (root, loopback only)")
     parser.add_argument("--workdir", type=Path, default=None, help="checkpoint and logs (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -312,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     groups = ProcessGroups(workdir)
     swarm = WanSwarm(groups, workdir, ckpt, args)
     monitor = CpuMonitor()
-    results, echo = [], {}
+    results, echo, prefill = [], {}, []
     start_echo(swarm.echo_port)
     try:
         swarm.start_proxy(args.delays[0])
@@ -330,6 +370,10 @@ def main(argv: list[str] | None = None) -> None:
                     row.update(run_config(swarm, ckpt, hops, mode, ids, reference, args, monitor))
                     log(f"  {hops} servers, {mode}: {row['steady_tokens_per_s']} tok/s, TTFT {row['ttft_ms']} ms")
                     results.append(row)
+            if args.prefill_tokens:
+                for hops in args.servers:
+                    for row in run_prefill(swarm, ckpt, hops, args.prefill_tokens, args, monitor):
+                        prefill.append({"one_way_delay_ms": delay, **row})
         bypass = swarm.bypassing_connections()
     finally:
         groups.kill_all()
@@ -358,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         "in_network_namespace": bool(os.environ.get("COROLLA_WAN_IN_NETNS")),
         "bypassing_connections": bypass,
         "results": results,
+        "prefill": prefill,
     }
     print(json.dumps(doc, indent=1))
 

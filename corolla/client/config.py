@@ -44,10 +44,16 @@ class ClientConfig:
     #: Inference steps go server to server (each server pushes its output to the next hop's session and also
     #: returns it here); False relays every hop through the client. A late or lost push is relayed anyway.
     push: bool = True
+    #: Lossy 8-bit activations for bandwidth-bound links: "int8" sends every step's hidden states, and has
+    #: servers return and push theirs, as int8 with a scale per token (about 4x fewer bytes than float32; the
+    #: results change slightly). None: hidden states travel in the dtype the server computes in (lossless).
+    activation_compression: str | None = None
     #: Served LoRA adapter for every request and session unless one names another (Petals' name); None = base.
     active_adapter: str | None = None
 
     def __post_init__(self):
+        if self.activation_compression not in (None, "int8"):
+            raise ValueError(f"activation_compression must be None or 'int8', got {self.activation_compression!r}")
         # users pass lists or sets of peer ids (str or hivemind PeerID); keep them as frozensets of str
         if self.allowed_servers is not None:
             object.__setattr__(self, "allowed_servers", frozenset(map(str, self.allowed_servers)))

@@ -50,7 +50,7 @@ from corolla.wire.messages import (
     InferenceStepResult,
     PushTarget,
 )
-from corolla.wire.tensors import FLOAT_COMPRESSIONS
+from corolla.wire.tensors import FLOAT_COMPRESSIONS, INT8_ROWWISE
 
 if TYPE_CHECKING:
     from corolla.client.sequence_manager import RemoteSequenceManager
@@ -330,11 +330,21 @@ class InferenceSession(ChainSession):
         # until the server answers, send in the dtype it announces (it computes in it: no precision is lost)
         announced = info.torch_dtype if info is not None else None
         session = _HopSession(hop, conn, announced if announced in FLOAT_COMPRESSIONS else None, expected, rtt)
+        compression = INT8_ROWWISE if manager.config.activation_compression == "int8" else ""
+        if compression:
+            session.compression = compression
         try:
             push = (session.session_id, session.push_token) if manager.config.push else (b"", b"")
             await conn.send(
                 InferenceOpen(
-                    manager.model, hop.start, hop.end, self.max_length, self._batch_size, self.adapter or "", *push
+                    manager.model,
+                    hop.start,
+                    hop.end,
+                    self.max_length,
+                    self._batch_size,
+                    self.adapter or "",
+                    *push,
+                    compression,
                 )
             )
         except BaseException:
@@ -350,7 +360,8 @@ class InferenceSession(ChainSession):
         if session.opened is None:
             return
         opened, session.opened = await session.opened, None
-        session.compression = opened.dtype if opened.dtype in FLOAT_COMPRESSIONS else None
+        if session.compression != INT8_ROWWISE:
+            session.compression = opened.dtype if opened.dtype in FLOAT_COMPRESSIONS else None
 
     async def _replay(self, session: _HopSession, x: torch.Tensor) -> torch.Tensor:
         """Send the whole history to a fresh server, in chunks that fit a message; returns its outputs."""

@@ -65,5 +65,9 @@ class BlockBackend:
                 f"{session.max_length}"
             )
         return await self.worker.submit(
-            PRIORITY_INFERENCE, lambda: session.step(offset, hidden, positions, mask, prompts).cpu()
+            PRIORITY_INFERENCE, self._step, session, offset, hidden, positions, mask, prompts
         )
+
+    def _step(self, session: KVSession, offset, hidden, positions, mask, prompts) -> torch.Tensor:
+        """On the compute thread: one step of ``session`` (bench.common's probe times this)."""
+        return session.step(offset, hidden, positions, mask, prompts).cpu()

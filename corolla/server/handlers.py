@@ -57,7 +57,7 @@ from corolla.wire.messages import (
     TrainForwardRequest,
 )
 from corolla.wire.records import ServerInfo
-from corolla.wire.tensors import dtype_name
+from corolla.wire.tensors import COMPRESSIONS, dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +201,10 @@ class RequestHandler:
             )
         if not 1 <= request.batch_size <= self.max_batch_size:
             raise BadRequestError(f"batch_size {request.batch_size} is outside [1, {self.max_batch_size}]")
+        if request.compression and request.compression not in COMPRESSIONS:
+            raise BadRequestError(
+                f"unknown compression {request.compression!r}; supported: {', '.join(COMPRESSIONS)}"
+            )
         adapter = self._use_adapter(peer, request.adapter, request.start, request.end)  # checked before any cache
         cache_size = request.batch_size * request.max_length * (request.end - request.start)
         async with self.memory.reserve(cache_size):
@@ -219,7 +223,7 @@ class RequestHandler:
             try:
                 await self._send(writer, InferenceOpened(dtype_name(self.backend.dtype), request.max_length))
                 with adapter:
-                    await self._steps(session, reader, writer, live, pusher)
+                    await self._steps(session, reader, writer, live, pusher, request.compression or None)
             finally:
                 if live is not None:
                     self.sessions.unregister(request.session_id)
@@ -229,7 +233,9 @@ class RequestHandler:
                 del session
                 logger.info("Closed a session for %s", peer)
 
-    async def _steps(self, session, reader, writer, live: LiveSession | None, pusher: Pusher | None) -> None:
+    async def _steps(
+        self, session, reader, writer, live: LiveSession | None, pusher: Pusher | None, compression: str | None
+    ) -> None:
         """Run the session's steps, from its client's stream and (with ``live``) pushed by another server, in
         arrival order; each ``step_id`` at most once."""
         done_ids: collections.deque[int] = collections.deque(maxlen=64)
@@ -255,7 +261,7 @@ class RequestHandler:
                     raise BadRequestError(f"expected InferenceStep, got {type(step).__name__}")
                 if step.step_id and step.step_id in done_ids:
                     continue  # arrived both pushed and relayed: computed once, answered once
-                await self._step(session, step, writer, from_push, pusher)
+                await self._step(session, step, writer, from_push, pusher, compression)
                 if step.step_id:
                     done_ids.append(step.step_id)
         finally:
@@ -263,7 +269,7 @@ class RequestHandler:
                 if task is not None:
                     task.cancel()
 
-    async def _step(self, session, step, writer, from_push: bool, pusher: Pusher | None) -> None:
+    async def _step(self, session, step, writer, from_push: bool, pusher: Pusher | None, compression) -> None:
         prompts = step.prompts if isinstance(step, InferencePromptStep) else None
         push = () if isinstance(step, InferencePromptStep) else step.push
         if push and pusher is None:
@@ -289,8 +295,8 @@ class RequestHandler:
             pusher.push(target, PushedStep(
                 target.session_id, target.token, step.step_id, step.offset, out, step.positions,
                 step.attention_mask, push[1:],
-            ), None)  # fmt: skip
-        await self._send(writer, InferenceStepResult(out, step.step_id))
+            ), compression)  # fmt: skip
+        await self._send(writer, InferenceStepResult(out, step.step_id), compression)
 
     async def _pushes(self, peer: str, first: PushedStep, reader, writer) -> None:
         """A push stream from another server: deliver each step to its session; a refused one ends it."""
@@ -329,8 +335,8 @@ class RequestHandler:
         if not self.accepting:
             raise ServerBusyError("this server is shutting down")
 
-    async def _send(self, writer, message) -> None:
-        await write_message(writer, message, max_bytes=self.max_bytes)
+    async def _send(self, writer, message, compression: str | None = None) -> None:
+        await write_message(writer, message, compression, max_bytes=self.max_bytes)
 
     async def _answer_error(self, writer, error: Exception, peer: str) -> None:
         if isinstance(error, RemoteError):

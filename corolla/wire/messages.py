@@ -84,6 +84,9 @@ class InferenceOpen:
     session_id: bytes = b""
     #: the secret a pushed step must carry (16 random bytes, known to the client and the pushing server)
     push_token: bytes = b""
+    #: how the server sends this session's outputs and pushes ("" as computed, or a wire compression such
+    #: as "int8_rowwise": lossy, for bandwidth-bound links; see corolla.wire.tensors)
+    compression: str = ""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 A tensor travels as ``[dtype, shape, wire_dtype, data]``: ``dtype`` is what the sender holds and what the
 receiver gets back, ``wire_dtype`` is what the bytes are (equal to ``dtype`` unless the sender chose to
-compress floats to float16/bfloat16 for a bandwidth-bound route). The receiver validates every field
+compress floats to float16/bfloat16, or to ``int8_rowwise``: int8 values then one float32 scale per row of the
+last dimension, for a bandwidth-bound route). The receiver validates every field
 before touching the bytes: a known dtype, a bounded rank, non-negative dims, and a byte count that
 matches; nothing is unpickled or evaluated. bfloat16 has no numpy dtype, so bytes are reinterpreted
 through ``torch.frombuffer`` rather than numpy.
@@ -30,6 +31,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_COMPRESSIONS = ("float16", "bfloat16")
+#: Lossy 8-bit activations: int8 values with one float32 scale per row (absmax over the last dimension).
+INT8_ROWWISE = "int8_rowwise"
+COMPRESSIONS = (*FLOAT_COMPRESSIONS, INT8_ROWWISE)
 MAX_RANK = 8
 
 
@@ -56,8 +60,13 @@ def encode_tensor(tensor: torch.Tensor, compression: str | None = None) -> list:
     wire = tensor.detach()
     wire_name = name
     if compression is not None and tensor.is_floating_point() and compression != name:
-        if compression not in FLOAT_COMPRESSIONS:
-            raise ValueError(f"unknown compression {compression!r}; supported: {FLOAT_COMPRESSIONS}")
+        if compression == INT8_ROWWISE:
+            if tensor.ndim and tensor.numel():
+                return [name, list(tensor.shape), INT8_ROWWISE, _int8_rowwise(wire)]
+            compression = None
+        elif compression not in FLOAT_COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}; supported: {COMPRESSIONS}")
+    if compression is not None and tensor.is_floating_point() and compression != name:
         wire = wire.to(DTYPES[compression])
         wire_name = compression
     wire = wire.to("cpu").contiguous()
@@ -72,6 +81,8 @@ def decode_tensor(obj: object, max_bytes: int) -> torch.Tensor:
     name, shape, wire_name, data = obj
     if not isinstance(name, str) or not isinstance(wire_name, str):
         raise BadRequestError("tensor dtype names must be strings")
+    if wire_name == INT8_ROWWISE:
+        return _from_int8_rowwise(parse_dtype(name), _check_shape(shape), data, max_bytes)
     dtype, wire_dtype = parse_dtype(name), parse_dtype(wire_name)
     if wire_dtype != dtype and not (dtype.is_floating_point and wire_name in FLOAT_COMPRESSIONS):
         raise BadRequestError(f"tensor of dtype {name} cannot travel as {wire_name}")
@@ -91,6 +102,37 @@ def decode_tensor(obj: object, max_bytes: int) -> torch.Tensor:
     flat = torch.frombuffer(bytearray(data), dtype=wire_dtype)
     out = flat.view(shape)
     return out.to(dtype) if wire_dtype != dtype else out
+
+
+def _int8_rowwise(tensor: torch.Tensor) -> bytes:
+    """int8 values (rounded to the row's absmax / 127), then the rows' float32 scales."""
+    rows = tensor.to("cpu", torch.float32).reshape(-1, tensor.shape[-1])
+    scale = rows.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    values = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return values.numpy().tobytes() + scale.numpy().tobytes()
+
+
+def _from_int8_rowwise(dtype: torch.dtype, shape: tuple[int, ...], data: object, max_bytes: int) -> torch.Tensor:
+    if not dtype.is_floating_point or not shape or not math.prod(shape):
+        raise BadRequestError(f"only non-empty floating tensors of rank >= 1 travel as {INT8_ROWWISE}")
+    if not isinstance(data, (bytes, bytearray)):
+        raise BadRequestError("tensor data must be bytes")
+    numel = math.prod(shape)
+    rows = numel // shape[-1]
+    expected = numel + 4 * rows
+    if numel * torch.empty((), dtype=dtype).element_size() > max_bytes:
+        raise BadRequestError(f"tensor of shape {list(shape)} exceeds the limit of {max_bytes} bytes")
+    if len(data) != expected:
+        raise BadRequestError(
+            f"tensor of shape {list(shape)} as {INT8_ROWWISE} needs {expected} bytes, got {len(data)}"
+        )
+    buffer = bytearray(data)
+    values = torch.frombuffer(buffer, dtype=torch.int8, count=numel).view(rows, shape[-1])
+    scale = torch.frombuffer(buffer, dtype=torch.float32, offset=numel, count=rows)
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise BadRequestError(f"{INT8_ROWWISE} scales must be finite and positive")
+    return (values.to(torch.float32) * scale[:, None]).view(shape).to(dtype)
 
 
 def _check_shape(shape: object) -> tuple[int, ...]:

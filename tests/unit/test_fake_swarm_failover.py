@@ -5,25 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fake_swarm import FakeSwarm
 
 from corolla.wire.errors import ChainFailedError, MissingBlocksError, SessionLengthError
-
-FAST = dict(step_timeout_floor=0.2, ping_timeout=0.2, missing_blocks_timeout=2.0, min_backoff=0.05)
-
-
-@pytest.fixture
-def make_swarm(tiny_llama):
-    made = []
-
-    def make(**options):
-        swarm = FakeSwarm(tiny_llama, **{**FAST, **options})
-        made.append(swarm)
-        return swarm
-
-    yield make
-    for swarm in made:
-        swarm.close()
 
 
 @pytest.fixture(scope="module")

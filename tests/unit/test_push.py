@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-from fake_swarm import FakeSwarm
 
 from corolla.swarm.transport import Transport
 from corolla.wire.errors import BadRequestError
@@ -22,22 +21,6 @@ from corolla.wire.messages import (
     InferenceStepResult,
     PushedStep,
 )
-
-FAST = dict(step_timeout_floor=0.2, ping_timeout=0.2, missing_blocks_timeout=2.0, min_backoff=0.05)
-
-
-@pytest.fixture
-def make_swarm(tiny_llama):
-    made = []
-
-    def make(**options):
-        swarm = FakeSwarm(tiny_llama, **{**FAST, **options})
-        made.append(swarm)
-        return swarm
-
-    yield make
-    for swarm in made:
-        swarm.close()
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +182,17 @@ def test_a_refused_session_id_reuse(make_swarm):
     with pytest.raises(BadRequestError, match="already open"):
         _open(swarm, "b", session_id, os.urandom(16))
     first.close()
+
+
+def test_int8_activations_on_every_link(make_swarm, inputs):
+    """Opt-in 8-bit activations: client -> server, server -> client and pushes all travel int8 (lossy, so the
+    outputs are close to the exact ones, not equal)."""
+    swarm = make_swarm(activation_compression="int8")
+    _three_hops(swarm)
+    out, relayed, _ = _run(swarm, inputs)
+    expected = _expected(swarm, inputs)
+    assert relayed == 0
+    error = (out - expected).abs().max() / expected.abs().max()
+    assert 0 < error < 0.02
+    with pytest.raises(ValueError, match="activation_compression"):
+        make_swarm(activation_compression="int4")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fake_swarm import FakeSwarm
 from transformers import AutoModelForCausalLM
 
 from corolla import AutoDistributedModelForCausalLM
@@ -121,29 +120,26 @@ def test_greedy_verification_accepts_the_matching_prefix():
     assert verify_drafts(torch.tensor([2, 2]), None, logits, False) == ([1], 0)
 
 
-def test_a_failover_after_a_rewind_replays_only_accepted_tokens(tiny_llama):
-    swarm = FakeSwarm(tiny_llama, step_timeout_floor=0.2, ping_timeout=0.2, min_backoff=0.05)
-    try:
-        swarm.add_server("a", 0, 4, latency=0.001)
-        swarm.add_server("b", 4, 8, latency=0.001)
-        swarm.add_server("b2", 4, 8, latency=0.01)
-        g = torch.Generator().manual_seed(7)
-        hidden = torch.randn(1, 10, 64, generator=g)
-        wrong = torch.randn(1, 3, 64, generator=g)  # rejected drafts
-        positions = torch.arange(10)[None]
-        mask = torch.ones(1, 10, dtype=torch.bool)
-        with swarm.manager.open_session(max_length=16) as session:
-            first = session.step(hidden[:, :4], positions[:, :4], mask[:, :4])
-            session.step(
-                torch.cat([hidden[:, 4:5], wrong], dim=1), positions[:, 4:8], mask[:, 4:8]
-            )  # one accepted token, three rejected
-            session.rewind(5)
-            assert session.position == 5 and all(torch.cat(h.history, 1).shape[1] == 5 for h in session._hops)
-            swarm.kill("b")  # the replacement gets the five accepted tokens only
-            rest = session.step(hidden[:, 5:], positions[:, 5:], mask[:, 5:])
-            assert [h.peer_id for h in session.route] == ["a", "b2"] and session.failovers == 1
-        expected = swarm.reference()(hidden, positions, mask)
-        torch.testing.assert_close(first, expected[:, :4], atol=1e-5, rtol=0)
-        torch.testing.assert_close(rest, expected[:, 5:], atol=1e-5, rtol=0)
-    finally:
-        swarm.close()
+def test_a_failover_after_a_rewind_replays_only_accepted_tokens(make_swarm):
+    swarm = make_swarm()
+    swarm.add_server("a", 0, 4, latency=0.001)
+    swarm.add_server("b", 4, 8, latency=0.001)
+    swarm.add_server("b2", 4, 8, latency=0.01)
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(1, 10, 64, generator=g)
+    wrong = torch.randn(1, 3, 64, generator=g)  # rejected drafts
+    positions = torch.arange(10)[None]
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    with swarm.manager.open_session(max_length=16) as session:
+        first = session.step(hidden[:, :4], positions[:, :4], mask[:, :4])
+        session.step(
+            torch.cat([hidden[:, 4:5], wrong], dim=1), positions[:, 4:8], mask[:, 4:8]
+        )  # one accepted token, three rejected
+        session.rewind(5)
+        assert session.position == 5 and all(torch.cat(h.history, 1).shape[1] == 5 for h in session._hops)
+        swarm.kill("b")  # the replacement gets the five accepted tokens only
+        rest = session.step(hidden[:, 5:], positions[:, 5:], mask[:, 5:])
+        assert [h.peer_id for h in session.route] == ["a", "b2"] and session.failovers == 1
+    expected = swarm.reference()(hidden, positions, mask)
+    torch.testing.assert_close(first, expected[:, :4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rest, expected[:, 5:], atol=1e-5, rtol=0)

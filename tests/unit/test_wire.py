@@ -37,6 +37,39 @@ def test_float_compression_declares_and_restores_dtype(compression):
     assert torch.allclose(back, t, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rowwise_compression(dtype):
+    """Four times fewer bytes than float32; each value within half a step (its row's absmax / 254)."""
+    x = (torch.randn(3, 7, 64) * torch.logspace(-2, 2, 7)[None, :, None]).to(dtype)  # rows of very unequal scale
+    obj = encode_tensor(x, "int8_rowwise")
+    assert obj[:3] == [str(dtype).removeprefix("torch."), [3, 7, 64], "int8_rowwise"]
+    assert len(obj[3]) == x.numel() + 4 * 21
+    y = decode_tensor(obj, 1 << 20)
+    assert y.dtype == dtype and y.shape == x.shape
+    step = x.float().abs().amax(-1, keepdim=True) / 254
+    rounding = x.float().abs() * 2**-8 if dtype == torch.bfloat16 else 0.0  # bfloat16's own rounding of the result
+    assert bool(((y.float() - x.float()).abs() <= step * 1.01 + rounding).all())
+    # integers and empty tensors travel as they are
+    assert encode_tensor(torch.arange(4), "int8_rowwise")[2] == "int64"
+    assert encode_tensor(torch.empty(0, 64), "int8_rowwise")[2] == "float32"
+
+
+@pytest.mark.parametrize(
+    "mutate,text",
+    [
+        (lambda o: [o[0], o[1], o[2], o[3][:-1]], "needs"),
+        (lambda o: [o[0], o[1], o[2], o[3][:-4] + b"\x00\x00\xc0\x7f"], "finite and positive"),  # a NaN scale
+        (lambda o: [o[0], o[1], o[2], o[3][:-4] + b"\x00\x00\x80\xbf"], "finite and positive"),  # -1.0
+        (lambda o: ["int64", o[1], o[2], o[3]], "floating"),
+        (lambda o: [o[0], [], o[2], o[3]], "rank"),
+    ],
+)
+def test_malformed_int8_rowwise_is_rejected(mutate, text):
+    obj = encode_tensor(torch.randn(2, 8), "int8_rowwise")
+    with pytest.raises(BadRequestError, match=text):
+        decode_tensor(mutate(obj), 1 << 20)
+
+
 def test_empty_and_noncontiguous_tensors():
     assert decode_tensor(encode_tensor(torch.empty(0, 4)), 100).shape == (0, 4)
     t = torch.randn(4, 6).t()
