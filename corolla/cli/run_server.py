@@ -24,7 +24,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "Serve a contiguous span of a model's transformer blocks to the swarm. MODEL is a local checkpoint "
         "folder or a Hugging Face Hub repo id; only the hosted blocks' tensors are read (and downloaded)."
     )
-    parser.add_argument("model", metavar="MODEL", help="local checkpoint folder or Hub repo id")
+    parser.add_argument("model", metavar="MODEL",
+                        help="local checkpoint folder, Hub repo id, or GGUF file (FILE.gguf, or a Hub repo with "
+                        "--gguf_file)")  # fmt: skip
+    flag(
+        parser,
+        "gguf_file",
+        default=None,
+        metavar="NAME",
+        help="with a Hub repo id as MODEL: serve this GGUF file of the repo (read as ORG/REPO/NAME)",
+    )
     blocks = parser.add_mutually_exclusive_group()
     flag(blocks, "num_blocks", type=int, default=None,
          help="host this many consecutive blocks, placed where the swarm is weakest (default: as many as "
@@ -80,8 +89,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    model = args.model
+    if args.gguf_file:
+        if model.lower().endswith(".gguf") or model.count("/") != 1:
+            raise SystemExit(f"--gguf_file needs a Hub repo id (ORG/REPO) as MODEL, got {model!r}")
+        model = f"{model}/{args.gguf_file}"
     return ServerConfig(
-        model=args.model,
+        model=model,
         network=network_config(args),
         cache=CacheConfig(attn_cache_tokens=args.attn_cache_tokens, max_alloc_timeout=args.max_alloc_timeout),
         block_indices=args.block_indices,

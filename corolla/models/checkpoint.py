@@ -39,6 +39,12 @@ from transformers import AutoConfig, PretrainedConfig
 
 from corolla.models.errors import CheckpointError
 
+
+def is_gguf_ref(model_ref: str) -> bool:
+    """Whether a model reference names a GGUF file (a path, or ORG/REPO/FILE.gguf on the Hub)."""
+    return str(model_ref).lower().endswith(".gguf")
+
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -105,7 +111,17 @@ def _looks_like_path(model_ref: str) -> bool:
 
 
 class Checkpoint:
-    """A model reference (folder or Hub repo id) whose files, config and tensors are read on demand."""
+    """A model reference (folder or Hub repo id) whose files, config and tensors are read on demand.
+
+    A reference ending in ``.gguf`` gives a :class:`corolla.models.gguf.GGUFCheckpoint` instead, which offers
+    the same reading API over a GGUF file."""
+
+    def __new__(cls, model_ref: str, **kwargs):
+        if cls is Checkpoint and is_gguf_ref(model_ref):
+            from corolla.models.gguf import GGUFCheckpoint
+
+            return GGUFCheckpoint(model_ref, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
