@@ -108,19 +108,34 @@ def serve(args, num_blocks: int, tokenizer, out: Path, expected: str) -> None:
             model.shutdown()
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default (unless its help says it already)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default is argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--model", help="checkpoint folder (default: corolla's built-in demo model)")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha (scale = alpha / r)")
     parser.add_argument("--targets", nargs="+", default=TARGETS, help="target modules (HF names)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--num_servers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    parser.add_argument("--num_servers", type=int, default=2, help="servers of the local swarm")
     parser.add_argument("--out", type=Path, default=None, help="where to save the adapter (default: a temp dir)")
     parser.add_argument("--serve", action="store_true", help="then serve the adapter with --adapters and generate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--startup_timeout", type=float, default=300)
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--startup_timeout", type=float, default=300, help="seconds to wait for the servers")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 

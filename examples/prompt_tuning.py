@@ -112,17 +112,42 @@ def train_lm(args, model_path: str, peers: list[str], tokenizer) -> None:
         model.shutdown()
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default (unless its help says it already)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default is argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--model", help="checkpoint folder (default: corolla's built-in demo model)")
-    parser.add_argument("--task", choices=("classification", "lm"), default="classification")
-    parser.add_argument("--tuning_mode", choices=("ptune", "deep_ptune"), default="deep_ptune")
+    parser.add_argument(
+        "--task",
+        choices=("classification", "lm"),
+        default="classification",
+        help="sentiment classification, or language modelling of a few sentences",
+    )
+    parser.add_argument(
+        "--tuning_mode",
+        choices=("ptune", "deep_ptune"),
+        default="deep_ptune",
+        help="prompts at the input only, or before every block",
+    )
     parser.add_argument("--pre_seq_len", type=int, default=4, help="number of trainable prompt tokens")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--num_servers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--startup_timeout", type=float, default=300)
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=0.02, help="learning rate")
+    parser.add_argument("--num_servers", type=int, default=2, help="servers of the local swarm")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--startup_timeout", type=float, default=300, help="seconds to wait for the servers")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 

@@ -8,10 +8,10 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from corolla.swarm.loop import new_event_loop
-from corolla.swarm.node import NetworkConfig
+if TYPE_CHECKING:
+    from corolla.swarm.config import NetworkConfig
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -27,10 +27,17 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, **kwargs: Any) -> None:
-    """Add ``--some_flag`` with a ``--some-flag`` alias (Petals spells flags with underscores)."""
+    """Add ``--some_flag`` with a ``--some-flag`` alias (Petals spells flags with underscores); its help ends
+    with its default unless it already says it (or there is none to say)."""
     names = [f"--{name}"]
     if "_" in name:
         names.append(f"--{name.replace('_', '-')}")
+    help_text = kwargs.get("help")
+    action = kwargs.get("action")
+    default = kwargs.get("default")
+    says_default = help_text is None or "default" in help_text or help_text == argparse.SUPPRESS
+    if not says_default and default not in (None, "", [], ()) and action not in ("store_true", "store_false"):
+        kwargs["help"] = f"{help_text} (default: %(default)s)"
     parser.add_argument(*names, dest=name, **kwargs)
 
 
@@ -50,6 +57,8 @@ def add_network_flags(parser: argparse.ArgumentParser, client: bool = False) -> 
 
 
 def network_config(args: argparse.Namespace, client_mode: bool = False) -> NetworkConfig:
+    from corolla.swarm.config import NetworkConfig
+
     return NetworkConfig(
         initial_peers=tuple(args.initial_peers),
         host_maddrs=tuple(args.host_maddrs),
@@ -62,6 +71,7 @@ def network_config(args: argparse.Namespace, client_mode: bool = False) -> Netwo
 
 def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
     """Run ``main(stop)`` in a fresh event loop; SIGINT/SIGTERM set ``stop`` (a second one exits at once)."""
+    from corolla.swarm.loop import new_event_loop
 
     async def runner() -> None:
         stop = asyncio.Event()

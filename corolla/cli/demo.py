@@ -29,7 +29,6 @@ from pathlib import Path
 
 from corolla.cli.common import flag, setup_logging
 from corolla.cli.local_swarm import LocalSwarm, SwarmStartError, threads_per_server
-from corolla.models.errors import CheckpointError, UnsupportedModelError
 from corolla.wire.errors import CorollaError
 
 DEFAULT_PROMPT = "Hello! Could you tell me, in a few sentences, why the sky is blue?"
@@ -141,6 +140,8 @@ def _load_client(model_ref: str, peers: list[str], args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> None:
+    from corolla.models.errors import CheckpointError, UnsupportedModelError  # torch: only when it runs
+
     setup_logging(args.log_level)
     previous = {
         sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

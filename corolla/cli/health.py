@@ -16,12 +16,13 @@ import os
 import sys
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from corolla.cli.common import add_network_flags, flag, network_config, setup_logging
-from corolla.cli.health_table import format_health
-from corolla.monitor.collector import ModelRef, read_models
-from corolla.monitor.state import swarm_json
-from corolla.swarm.reader import SwarmReader
+
+if TYPE_CHECKING:  # the swarm reader (hivemind, torch) loads only when the command runs: --help is instant
+    from corolla.monitor.collector import ModelRef
+    from corolla.swarm.reader import SwarmReader
 
 logger = logging.getLogger("corolla.health")
 
@@ -75,7 +76,7 @@ def resolve_model(ref: str, num_blocks: int | None, prog: str = "corolla health"
     A folder is a checkpoint; a name with a '/' a Hub id, whose config is read if it can be (from the local
     Hub cache when offline); a bare name is a DHT prefix.
     """
-    is_dir = os.path.isdir(ref)
+    is_dir = os.path.isdir(ref) or (ref.lower().endswith(".gguf") and os.path.isfile(ref))  # a GGUF is one too
     if not is_dir and ref.startswith((".", "/", "~")):
         raise SystemExit(f"{prog}: checkpoint folder {ref!r} does not exist")
     if not is_dir and "/" not in ref:
@@ -108,6 +109,10 @@ def resolve_models(args: argparse.Namespace, prog: str = "corolla health") -> li
 
 
 def snapshot(reader: SwarmReader, models: list[ModelRef] | None, as_json: bool = False) -> str:
+    from corolla.cli.health_table import format_health
+    from corolla.monitor.collector import read_models
+    from corolla.monitor.state import swarm_json
+
     states = read_models(reader, models)
     if as_json:
         return json.dumps(swarm_json(states, updated_at=time.time()), allow_nan=False) + "\n"
@@ -134,6 +139,8 @@ def run(args: argparse.Namespace) -> None:
     setup_logging(args.log_level)
     if args.watch is not None and args.watch <= 0:
         raise SystemExit("corolla health: --watch SECONDS must be positive")
+    from corolla.swarm.reader import SwarmReader
+
     models = resolve_models(args)
     with SwarmReader(
         network_config(args, client_mode=True), name="corolla-health", timeout=FETCH_TIMEOUT

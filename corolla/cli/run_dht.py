@@ -8,7 +8,6 @@ import logging
 import sys
 
 from corolla.cli.common import add_network_flags, network_config, run_until_signal, setup_logging
-from corolla.swarm.node import SwarmNode
 
 logger = logging.getLogger("corolla.dht")
 
@@ -25,6 +24,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    from corolla.swarm.node import SwarmNode
+
     node = await SwarmNode.start(network_config(args))
     try:
         for maddr in await node.visible_maddrs():

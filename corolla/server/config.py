@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from corolla.swarm.node import NetworkConfig
+from corolla.swarm.config import NetworkConfig
 
 
 @dataclass(frozen=True)

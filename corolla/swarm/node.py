@@ -10,29 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 from hivemind.dht import DHTNode
 from hivemind.p2p import P2P, PeerID
 
 from corolla.swarm import reaper
+from corolla.swarm.config import NetworkConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NetworkConfig:
-    """How a peer joins the swarm (Petals' flag names)."""
-
-    initial_peers: tuple[str, ...] = ()
-    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
-    announce_maddrs: tuple[str, ...] = ()
-    identity_path: str | None = None
-    client_mode: bool = False
-    #: UPnP/NAT-PMP port mapping: useful at home, pointless (and slow to give up) on loopback.
-    nat_port_map: bool = True
-    #: Seconds the DHT waits for a peer's answer.
-    dht_wait_timeout: float = 3.0
 
 
 class SwarmNode:
