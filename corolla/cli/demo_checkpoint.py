@@ -7,7 +7,7 @@ it generates is random; `DEMO_NOTICE` says so and the CLI should print it.
 
 Decisions:
 
-- **Where.** `$COROLLA_CACHE/demo-llama` if `COROLLA_CACHE` is set, else
+- **Where.** `$COROLLA_CACHE_DIR/demo-llama` if `COROLLA_CACHE_DIR` is set, else
   `$XDG_CACHE_HOME/corolla/demo-llama`, else `~/.cache/corolla/demo-llama`. `cache_dir` (tests,
   callers with their own layout) plays the role of the corolla cache root, so the checkpoint lands
   in `cache_dir/demo-llama`.
@@ -33,6 +33,8 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+
+from corolla.paths import cache_dir
 
 __all__ = ["DEMO_NOTICE", "DEMO_FOLDER_NAME", "default_cache_root", "ensure_demo_checkpoint"]
 
@@ -122,12 +124,8 @@ we load the model, then we send the prompt, and finally we read the reply. Numbe
 
 
 def default_cache_root() -> Path:
-    """The corolla cache root: `$COROLLA_CACHE`, else `$XDG_CACHE_HOME/corolla`, else `~/.cache/corolla`."""
-    if override := os.environ.get("COROLLA_CACHE"):
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "corolla"
+    """The corolla cache root (`corolla.paths.cache_dir`: `$COROLLA_CACHE_DIR`, else ...)."""
+    return cache_dir()
 
 
 def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:

@@ -88,11 +88,11 @@ class Server:
                     cfg.throughput, model_config, self.model_ref.config_hash, dtype=dtype, device=cfg.device
                 ),
             )
-            await self._measure_network()
             self.placement = Placement(
                 cfg, self.node.dht, peer_id=self.peer_id, dht_prefix=self.dht_prefix,
                 config_hash=self.model_ref.config_hash, model_config=model_config, dtype=dtype,
             )  # fmt: skip
+            await self._measure_network()
             start, end = await self.placement.choose_blocks(self.num_model_blocks)
             while start is not None and not stop.is_set():
                 start, end = await self._serve_span(start, end, stop)

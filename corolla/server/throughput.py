@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from corolla.paths import cache_dir as corolla_cache_dir
 from corolla.swarm.transport import call
 from corolla.wire.messages import PingRequest, PingResponse, ProbeRequest, ProbeResponse
 
@@ -45,7 +46,7 @@ class ComputeThroughput:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("COROLLA_CACHE_DIR") or Path.home() / ".cache" / "corolla")
+    return corolla_cache_dir()
 
 
 def device_name(device: torch.device | str) -> str:

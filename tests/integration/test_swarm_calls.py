@@ -127,6 +127,11 @@ def test_num_blocks_takes_the_least_served_span(shared_swarm, tiny_llama):
                                        wait=False)  # fmt: skip
     info = shared_swarm.wait_state(second, ServerState.ONLINE, "autoplace")
     assert (info.start, info.end) == (3, 6)  # the first span with no server
+    # the second server found the first and probed its bandwidth; the first, alone at its start, has no
+    # network figure and announces its compute throughput, not an unknown network as a bottleneck
+    assert info.network_throughput > 0
+    first_info = shared_swarm.wait_state(first, ServerState.ONLINE, "autoplace")
+    assert first_info.network_throughput == 0 and first_info.throughput > 0
 
 
 def test_bfloat16_server_gets_compressed_activations(shared_swarm, tiny_llama):

@@ -113,12 +113,12 @@ def test_incomplete_folder_is_rebuilt_identically(checkpoint: Path, tmp_path: Pa
 
 
 def test_default_cache_root_respects_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("COROLLA_CACHE", raising=False)
+    monkeypatch.delenv("COROLLA_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_root() == tmp_path / "xdg" / "corolla"
-    monkeypatch.setenv("COROLLA_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("COROLLA_CACHE_DIR", str(tmp_path / "mine"))
     assert default_cache_root() == tmp_path / "mine"
-    monkeypatch.delenv("COROLLA_CACHE")
+    monkeypatch.delenv("COROLLA_CACHE_DIR")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_root() == tmp_path / "home" / ".cache" / "corolla"
