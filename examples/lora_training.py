@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
+from corolla.cli.common import DefaultsHelpFormatter
 from corolla.cli.local_swarm import LocalSwarm, threads_per_server
 from corolla.client.lora import RemoteLora
 from corolla.models.checkpoint import Checkpoint, default_dht_prefix
@@ -109,23 +110,8 @@ def serve(args, num_blocks: int, tokenizer, out: Path, expected: str) -> None:
             model.shutdown()
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every option's default (unless its help says it already)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (
-            "default" in text
-            or action.default is None
-            or action.default is False
-            or action.default is argparse.SUPPRESS
-        ):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", help="checkpoint folder (default: corolla's built-in demo model)")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha (scale = alpha / r)")

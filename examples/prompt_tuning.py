@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from corolla import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
+from corolla.cli.common import DefaultsHelpFormatter
 from corolla.cli.local_swarm import LocalSwarm, threads_per_server
 from corolla.models.checkpoint import Checkpoint, default_dht_prefix
 
@@ -112,23 +113,8 @@ def train_lm(args, model_path: str, peers: list[str], tokenizer) -> None:
         model.shutdown()
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every option's default (unless its help says it already)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (
-            "default" in text
-            or action.default is None
-            or action.default is False
-            or action.default is argparse.SUPPRESS
-        ):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", help="checkpoint folder (default: corolla's built-in demo model)")
     parser.add_argument(
         "--task",

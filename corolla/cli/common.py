@@ -26,6 +26,21 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger("hivemind").setLevel(logging.WARNING)
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """A description as written, and every option's default at the end of its help (unless it says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default is argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, **kwargs: Any) -> None:
     """Add ``--some_flag`` with a ``--some-flag`` alias (Petals spells flags with underscores); its help ends
     with its default unless it already says it (or there is none to say)."""
