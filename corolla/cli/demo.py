@@ -263,10 +263,10 @@ class Chat:
                 new_ids, session=self.session, max_new_tokens=self.args.max_new_tokens, streamer=streamer
             )
         elapsed = time.perf_counter() - t0
-        generated = out[0, held + new_ids.shape[1] :]
+        generated = out[0, new_ids.shape[1] :]  # the call's own tokens, then the answer
         answer = self.tokenizer.decode(generated, skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": answer})
-        self.history = out
+        self.history = out if self.history is None else torch.cat([self.history, out], dim=1)
         count = generated.shape[0]
         say(f"Generated {count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tokens/s")
 

@@ -27,6 +27,11 @@ def using_adapter(name: str | None) -> Iterator[None]:
         _ADAPTER.reset(token)
 
 
+def adapter_in_context() -> bool:
+    """Whether a caller chose the adapter for calls started now (an explicit choice wins over defaults)."""
+    return _ADAPTER.get() is not None
+
+
 def current_adapter(default: str | None = None) -> str | None:
     """The adapter a request started now should use ("" or None = the base model)."""
     chosen = _ADAPTER.get()

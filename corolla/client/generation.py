@@ -214,8 +214,8 @@ class GenerationSession:
         sent, tokens = self.position, prepared.hidden.shape[1]
         if sent + tokens > self.max_length:
             raise SessionLengthError(
-                f"inference session max_length={self.max_length} exceeded: it holds {sent} tokens and got "
-                f"{tokens} more; open it with a larger max_length"
+                f"Maximum length exceeded: the inference session's max_length={self.max_length}, it holds {sent} "
+                f"tokens and got {tokens} more; open it with a larger max_length"
             )
         out = self.chain_session.step(
             prepared.hidden.cpu(), prepared.positions.cpu().long(), prepared.mask.cpu().bool()

@@ -20,6 +20,7 @@ dtypes, names or "auto".
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import torch
 import transformers
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from corolla.client.active_adapter import adapter_in_context, using_adapter
 from corolla.client.chain import RemoteChain
 from corolla.client.ptune import PromptTuning
 from corolla.client.remote_sequential import RemoteSequential
@@ -156,6 +158,8 @@ class DistributedPreTrainedModel(PreTrainedModel):
             )
         elif options:
             raise TypeError(f"unexpected options with an explicit chain: {', '.join(sorted(options))}")
+        # Petals' `model.config.active_adapter`: the served adapter of calls that name none (settable later)
+        config.active_adapter = options.get("active_adapter")  # (options are empty with an explicit chain)
         if config_overrides:  # after connecting: they are the client's, not part of the served config's hash
             config = copy.deepcopy(config)
             for name, value in config_overrides.items():
@@ -190,11 +194,20 @@ class DistributedPreTrainedModel(PreTrainedModel):
         """Leave the swarm: stop this client's network thread and libp2p daemon (nothing for a local chain)."""
         self.chain.shutdown()
 
+    def _configured_adapter(self) -> str | None:
+        """`model.config.active_adapter` (Petals' setting; "" when set to None, so that None means the base
+        model rather than "no opinion"), or None if the config never had one or a caller chose for this call."""
+        if "active_adapter" not in vars(self.config) or adapter_in_context():
+            return None
+        return self.config.active_adapter or ""
+
     def _hidden_states(self, input_ids, attention_mask, position_ids, inputs_embeds) -> torch.Tensor:
         """Whole sequences through the prompts (if tuning) and every block, after the final norm."""
-        if self.ptune is not None:
-            return self.ptune.run(self.model, input_ids, attention_mask, position_ids, inputs_embeds)
-        return self.model(input_ids, attention_mask, position_ids, inputs_embeds).last_hidden_state
+        adapter = self._configured_adapter()
+        with using_adapter(adapter) if adapter is not None else nullcontext():
+            if self.ptune is not None:
+                return self.ptune.run(self.model, input_ids, attention_mask, position_ids, inputs_embeds)
+            return self.model(input_ids, attention_mask, position_ids, inputs_embeds).last_hidden_state
 
 
 def family_class_names(suffix: str) -> list[str]:

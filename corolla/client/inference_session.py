@@ -151,8 +151,8 @@ class InferenceSession(ChainSession):
             raise RuntimeError("this inference session is closed")
         if self._position + hidden.shape[1] > self.max_length:
             raise SessionLengthError(
-                f"the session would hold {self._position + hidden.shape[1]} tokens, over its max_length "
-                f"{self.max_length}; open the session with a larger max_length"
+                f"Maximum length exceeded: the session would hold {self._position + hidden.shape[1]} tokens, over "
+                f"its max_length {self.max_length}; open the session with a larger max_length"
             )
         if self._batch_size is not None and hidden.shape[0] != self._batch_size:
             raise ValueError(f"this session's batch size is {self._batch_size}, got {hidden.shape[0]}")

@@ -17,7 +17,8 @@ Decisions:
 - **Sessions as in Petals.** `model.inference_session(max_length=N)` opens one (a context manager that
   also makes it the model's active session, per thread); `generate(..., session=s)` or a `generate`
   inside `with model.inference_session(...)` continues a conversation: the caller passes only the new
-  tokens and gets back the whole history plus the generated tokens, and only new tokens go to the
+  tokens and gets back those tokens plus the generated ones (Petals' convention: earlier calls' tokens
+  are cropped; `generate(None, ...)` returns only the continuation), and only new tokens go to the
   chain. Without a session, `generate` opens one sized prompt + `max_new_tokens` (else `max_length`)
   and closes it at the end. `model(input_ids)` inside an active session also steps it; see
   `corolla.client.generation` for how full histories and new-token inputs are told apart.
@@ -94,10 +95,15 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     def inference_session(self, max_length: int, active_adapter: str | None = None) -> GenerationSession:
         """Open a session over every block for up to `max_length` tokens; use it as a context manager.
 
-        `active_adapter` names a served LoRA adapter for this session (default: the model's, if any)."""
+        `active_adapter` names a served LoRA adapter for this session (default: `model.config.active_adapter`)."""
+        if active_adapter is None and self._configured_adapter() is not None:
+            return self.inference_session(max_length, active_adapter=self._configured_adapter())
         if active_adapter is not None:
             with using_adapter(active_adapter):
-                return self.inference_session(max_length)
+                return self._open_session(max_length)
+        return self._open_session(max_length)
+
+    def _open_session(self, max_length: int) -> GenerationSession:
         if self.ptune is not None:
             session = self.ptune.open_session(self.model.layers, max_length)
             return GenerationSession(session, max_length, owner=self)
@@ -177,12 +183,21 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         active_adapter: str | None = None,
         **kwargs,
     ):
-        """transformers' generate; in a session, `inputs` are the new tokens and the result the whole history.
+        """transformers' generate. In a session (given, or active) `inputs` are the new tokens only, and the
+        result is this call's inputs followed by the generated tokens, as in Petals: the tokens of earlier
+        calls are not repeated, and `generate(None, max_new_tokens=n, session=s)` returns just the n tokens
+        that continue the conversation. Without a session the result is the prompt and the new tokens.
 
-        `active_adapter` names a served LoRA adapter for this call (a given `session` keeps its own)."""
+        `active_adapter` names a served LoRA adapter for this call (default: `model.config.active_adapter`, as
+        in Petals; a given `session` keeps its own)."""
+        if active_adapter is None:
+            active_adapter = self._configured_adapter()
         if active_adapter is not None:
             with using_adapter(active_adapter):
-                return self.generate(inputs, *args, session=session, **kwargs)
+                return self._generate(inputs, *args, session=session, **kwargs)
+        return self._generate(inputs, *args, session=session, **kwargs)
+
+    def _generate(self, inputs, *args, session: GenerationSession | None, **kwargs):
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         config = kwargs.get("generation_config") or self.generation_config
         if (kwargs.get("num_beams") or config.num_beams or 1) > 1:
@@ -194,9 +209,11 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         if owned:
             session = self.inference_session(self._session_length(input_ids, kwargs, config))
         try:
+            earlier = session.length  # tokens of earlier calls: not part of this call's result
             input_ids, attention_mask = session.history_with(input_ids, kwargs.pop("attention_mask", None))
             if _speculating(kwargs, config):
-                return self._speculative_generate(session, input_ids, attention_mask, args, kwargs)
+                result = self._speculative_generate(session, input_ids, attention_mask, args, kwargs)
+                return result[:, earlier:]
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask
             if kwargs.get("generation_config") is not None:  # transformers warns about kwargs beside a config
@@ -208,7 +225,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
                 result = super().generate(input_ids, *args, **kwargs)
             if input_ids is not None:
                 session.record_output(result if isinstance(result, torch.Tensor) else result.sequences)
-            return result
+            return _without_earlier(result, earlier)
         finally:
             if owned:
                 session.close()
@@ -269,6 +286,16 @@ def register_model_class(cls: type[DistributedModelForCausalLM]) -> type[Distrib
     """Make `AutoDistributedModelForCausalLM` use `cls` for its config class's `model_type`."""
     MODEL_CLASSES[cls.config_class.model_type] = cls
     return cls
+
+
+def _without_earlier(result, earlier: int):
+    """``generate``'s result without the first ``earlier`` tokens (a tensor, or an output's ``sequences``)."""
+    if not earlier:
+        return result
+    if isinstance(result, torch.Tensor):
+        return result[:, earlier:]
+    result.sequences = result.sequences[:, earlier:]
+    return result
 
 
 def _speculating(kwargs: dict, config: GenerationConfig) -> bool:

@@ -168,7 +168,7 @@ def _check_generation(model, reference) -> None:
         history = torch.cat([first, turn2], dim=1)
         expected2 = reference.generate(history, attention_mask=torch.ones_like(history), **greedy)
     assert torch.equal(first, expected)
-    assert torch.equal(second, expected2)
+    assert torch.equal(torch.cat([first, second], dim=1), expected2)  # a session's call returns its own tokens
 
 
 def test_readme_swarm_commands(bootstrap, processes, tiny_llama):

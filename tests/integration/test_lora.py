@@ -141,7 +141,29 @@ def test_from_pretrained_active_adapter(swarm, tiny_llama, merged):
     try:
         ids = _prompt(8, seed=3)
         kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        assert model.config.active_adapter == ADAPTER
         assert torch.equal(model.generate(ids, **kwargs), merged.generate(ids, **kwargs))
+    finally:
+        model.shutdown()
+
+
+def test_config_active_adapter_is_obeyed(swarm, tiny_llama, merged, reference):
+    """Petals scripts switch adapters with `model.config.active_adapter = NAME` (None: the base model): the
+    switch takes effect for generate, forward and new sessions, never silently ignored."""
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
+    try:
+        ids = _prompt(8, seed=5)
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        base = reference.generate(ids, **kwargs)
+        assert torch.equal(model.generate(ids, **kwargs), base)
+        model.config.active_adapter = ADAPTER
+        assert torch.equal(model.generate(ids, **kwargs), merged.generate(ids, **kwargs))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, merged(ids).logits, atol=1e-4, rtol=0)
+        with model.inference_session(max_length=32) as session:
+            assert session.chain_session.adapter == ADAPTER
+        model.config.active_adapter = None
+        assert torch.equal(model.generate(ids, **kwargs), base)
     finally:
         model.shutdown()
 

@@ -229,11 +229,14 @@ def test_multi_turn_session_sends_only_new_tokens(model, reference, chain):
         turn1 = model.generate(first, max_new_tokens=5, session=session)
         turn2 = model.generate(second, max_new_tokens=5, session=session)
         turn3 = model.generate(max_new_tokens=3)  # the active session; no new tokens: just continue
-        assert session.position == turn3.shape[1] - 1  # every token but the last sampled one was sent
+        # as in Petals: each call returns its own inputs and the new tokens, earlier calls' tokens cropped
+        assert (turn1.shape[1], turn2.shape[1], turn3.shape[1]) == (6 + 5, 4 + 5, 3)
+        history = torch.cat([turn1, turn2, turn3], 1)
+        assert session.position == history.shape[1] - 1  # every token but the last sampled one was sent
     assert torch.equal(turn1, _one_shot(reference, first, 5))
-    assert torch.equal(turn2, _one_shot(reference, torch.cat([turn1, second], 1), 5))
-    assert torch.equal(turn3, _one_shot(reference, turn2, 3))
-    assert sum(chain.steps) == turn3.shape[1] - 1 and chain.forwards == []
+    assert torch.equal(torch.cat([turn1, turn2], 1), _one_shot(reference, torch.cat([turn1, second], 1), 5))
+    assert torch.equal(history, _one_shot(reference, torch.cat([turn1, turn2], 1), 3))
+    assert sum(chain.steps) == history.shape[1] - 1 and chain.forwards == []
     assert chain.steps[5] == 1 + 4  # turn 2 starts with turn 1's unsent last token, then its new tokens
     assert chain.closed == 1 and session.closed
 
@@ -246,7 +249,7 @@ def test_multi_turn_left_padded_batch(model, reference):
         turn2 = model.generate(more, max_new_tokens=4, pad_token_id=PAD, session=session)
     full_mask = torch.cat([mask, torch.ones(3, turn1.shape[1] - ids.shape[1] + 2, dtype=torch.long)], 1)
     kwargs = dict(attention_mask=full_mask, max_new_tokens=4, pad_token_id=PAD, do_sample=False)
-    assert torch.equal(turn2, reference.generate(torch.cat([turn1, more], 1), **kwargs))
+    assert torch.equal(torch.cat([turn1, turn2], 1), reference.generate(torch.cat([turn1, more], 1), **kwargs))
 
 
 def test_stepping_a_session_by_hand(model, reference):
@@ -336,8 +339,12 @@ def test_petals_style_script(checkpoint, reference):
     prompt = tokenizer("w5 w6 w7", return_tensors="pt")["input_ids"]
     assert lines["ONE"] == tokenizer.decode(_one_shot(reference, prompt, 4)[0])
     history = _one_shot(reference, tokenizer("w8 w9", return_tensors="pt")["input_ids"], 2)
-    history = torch.cat([history, tokenizer("w10", return_tensors="pt")["input_ids"]], 1)
-    assert lines["CHAT"] == tokenizer.decode(_one_shot(reference, history, 2)[0])
+    last = tokenizer("w10", return_tensors="pt")["input_ids"]
+    history = torch.cat([history, last], 1)
+    # a generate in a session returns its own inputs and the new tokens (Petals' convention)
+    assert lines["CHAT"] == tokenizer.decode(
+        _one_shot(reference, history, 2)[0, history.shape[1] - last.shape[1] :]
+    )
 
 
 @pytest.mark.parametrize(
