@@ -149,11 +149,14 @@ class RemoteChain(ABC):
         adapter: str | None = None,
         prompts: torch.Tensor | None = None,
         extras: ChainExtras = NO_EXTRAS,
+        blocks: tuple[int, int] | None = None,
     ) -> ChainSession:
         """A session over every block for up to ``max_length`` tokens.
 
         ``adapter``: a served LoRA adapter (None: the chain's default); ``prompts``: deep prompts
-        ``[num_blocks, 1, K, H]`` for cache positions < K; ``extras``: the client's own trainables."""
+        ``[num_blocks, 1, K, H]`` for cache positions < K; ``extras``: the client's own trainables.``blocks``: a session over blocks
+        [start, end) only (default: every block; deep prompts need every block).
+        """
 
     @abstractmethod
     def show_route(self) -> str:

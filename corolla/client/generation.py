@@ -74,6 +74,16 @@ class GenerationSession:
         """Tokens held by the server-side caches (the offset of the next step)."""
         return self.chain_session.position
 
+    @position.setter
+    def position(self, value: int) -> None:
+        """Rewind to ``value`` tokens (Petals' ``session.position = n``): later tokens are forgotten."""
+        self.rewind(value)
+
+    @property
+    def last_token_id(self) -> torch.Tensor | None:
+        """[B, 1]: the conversation's last token (generated, not sent yet), as Petals' sessions keep it."""
+        return None if self.input_ids is None or self.length == 0 else self.input_ids[:, -1:]
+
     @property
     def batch_size(self) -> int | None:
         return None if self.attention_mask is None else self.attention_mask.shape[0]

@@ -75,6 +75,28 @@ class RemoteDecoderModel(nn.Module):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    # Petals' and the HF families' own names for the same modules (BLOOM/Falcon: `transformer.h`,
+    # `word_embeddings`, `ln_f`); aliases, not copies
+    @property
+    def h(self) -> RemoteSequential:
+        return self.layers
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    @property
+    def ln_f(self) -> nn.Module:
+        return self.norm
+
+    @property
+    def word_embeddings_layernorm(self) -> nn.Module:
+        """BLOOM's LayerNorm after the word embeddings (applied inside `embed_tokens` here)."""
+        norm = getattr(self.embed_tokens, "norm", None)
+        if norm is None:
+            raise AttributeError(f"{type(self.embed_tokens).__name__} has no word-embeddings LayerNorm")
+        return norm
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -185,6 +207,11 @@ class DistributedPreTrainedModel(PreTrainedModel):
     @property
     def chain(self) -> RemoteChain:
         return self.model.layers.chain
+
+    @property
+    def transformer(self) -> RemoteDecoderModel:
+        """`model.model` under the name BLOOM's and Falcon's classes (and Petals scripts) use."""
+        return self.model
 
     def show_route(self) -> str:
         """The chain of servers a new session would use now."""

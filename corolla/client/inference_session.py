@@ -104,8 +104,14 @@ class InferenceSession(ChainSession):
         adapter: str | None = None,
         prompts: torch.Tensor | None = None,
         extras: ChainExtras = NO_EXTRAS,
+        blocks: tuple[int, int] | None = None,
     ):
         self.manager, self.max_length = manager, max_length
+        self.start, self.end = blocks if blocks is not None else (0, manager.num_blocks)
+        if not 0 <= self.start < self.end <= manager.num_blocks:
+            raise ValueError(f"blocks [{self.start}, {self.end}) are not within [0, {manager.num_blocks})")
+        if prompts is not None and (self.start, self.end) != (0, manager.num_blocks):
+            raise ValueError("deep prompts need a session over every block")
         self.extras, self.prompts = extras, prompts  # deep prompts [num_blocks, 1, K, H] or None
         if extras.adapter:  # the client's own adapter: any server (it gets an upload before the session opens)
             self.adapter, self.route_adapter = extras.adapter, None
@@ -163,7 +169,7 @@ class InferenceSession(ChainSession):
     async def _step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if not self._hops:
             self._batch_size = hidden.shape[0]
-            self._hops = await self._open_chain(0, self.manager.num_blocks, None)
+            self._hops = await self._open_chain(self.start, self.end, None)
         x, i, step_id = hidden, 0, next(self._step_ids)
         push = self._push_allowed(hidden.shape[1])
         while i < len(self._hops):

@@ -24,9 +24,11 @@ class LocalChainSession(ChainSession):
         max_length: int,
         prompts: torch.Tensor | None = None,
         extras: ChainExtras = NO_EXTRAS,
+        blocks: tuple[int, int] | None = None,
     ):
         self.stack, self.max_length = stack, max_length
         self.prompts, self.extras = prompts, extras
+        self.blocks = blocks if blocks is not None else (stack.start, stack.end)  # absolute indices
         self._session: KVSession | None = None
 
     @property
@@ -36,11 +38,11 @@ class LocalChainSession(ChainSession):
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         stack = self.stack
         if self._session is None:
-            self._session = KVSession(stack, stack.start, stack.end, hidden.shape[0], self.max_length)
+            self._session = KVSession(stack, *self.blocks, hidden.shape[0], self.max_length)
         end = self.position + hidden.shape[1]
         if end > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded ({end} tokens)")
-        with torch.inference_mode(), self.extras.local_context(stack, stack.start, stack.end):
+        with torch.inference_mode(), self.extras.local_context(stack, *self.blocks):
             return self._session.step(self.position, hidden, positions, attention_mask.bool(), self.prompts)
 
     def rewind(self, position: int) -> None:
@@ -71,11 +73,17 @@ class LocalChain(RemoteChain):
 
     def open_session(
         self, max_length: int, *, adapter: str | None = None, prompts: torch.Tensor | None = None,
-        extras: ChainExtras = NO_EXTRAS,
+        extras: ChainExtras = NO_EXTRAS, blocks: tuple[int, int] | None = None,
     ) -> LocalChainSession:  # fmt: skip
         if adapter:
             raise ValueError(f"an in-process chain serves no adapters (asked for {adapter!r})")
-        return LocalChainSession(self.stack, max_length, prompts, extras)
+        start, end = blocks if blocks is not None else (0, self.num_blocks)
+        if not 0 <= start < end <= self.num_blocks:
+            raise ValueError(f"blocks [{start}, {end}) are not within [0, {self.num_blocks})")
+        if prompts is not None and (start, end) != (0, self.num_blocks):
+            raise ValueError("deep prompts need a session over every block")
+        base = self.stack.start
+        return LocalChainSession(self.stack, max_length, prompts, extras, (base + start, base + end))
 
     def show_route(self) -> str:
         return f"blocks [{self.stack.start}, {self.stack.end}) in process"

@@ -272,13 +272,13 @@ class LoraChain(RemoteChain):
         return self.chain.forward(hidden, positions, attention_mask, start, end, prompts=prompts, extras=extras)
 
     def open_session(
-        self, max_length: int, *, adapter=None, prompts=None, extras: ChainExtras = NO_EXTRAS
+        self, max_length: int, *, adapter=None, prompts=None, extras: ChainExtras = NO_EXTRAS, blocks=None
     ) -> ChainSession:
         self._refuse_other(extras)
         if adapter:
             raise ValueError(f"a model with a client LoRA attached cannot also use served adapter {adapter!r}")
         extras = LoraExtras(self.lora, self.lora.current_name())
-        return self.chain.open_session(max_length, prompts=prompts, extras=extras)
+        return self.chain.open_session(max_length, prompts=prompts, extras=extras, blocks=blocks)
 
     @staticmethod
     def _refuse_other(extras) -> None:

@@ -25,7 +25,75 @@ from torch import nn
 
 from corolla.client.chain import ChainSession, RemoteChain
 
-__all__ = ["RemoteSequential"]
+__all__ = ["BlocksSession", "RemoteSequential"]
+
+
+class BlocksSession(ChainSession):
+    """A chain session stepped with hidden states directly, the way Petals' raw sessions are.
+
+    ``step(hidden_states)`` takes positions and mask as optional (default: the next positions, every token
+    real), accepts an empty step ([B, 0, H] gives [B, 0, H] back without a call), and Petals'
+    ``start_from_position=n`` (rewind to n first); ``position`` is settable (rewinds). Petals' per-step
+    ``prompts`` and ``hypo_ids`` (beam reordering) are refused by name: deep prompts are given when the
+    session opens, and caches are never reordered.
+    """
+
+    def __init__(self, session: ChainSession):
+        self.session, self.max_length = session, session.max_length
+        self.last_token_id: torch.Tensor | None = None  # kept for Petals scripts that read or set it
+
+    @property
+    def position(self) -> int:
+        return self.session.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.rewind(value)
+
+    @property
+    def failovers(self) -> int:
+        return self.session.failovers
+
+    def rewind(self, position: int) -> None:
+        self.session.rewind(position)
+
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        prompts: torch.Tensor | None = None,
+        hypo_ids: torch.Tensor | None = None,
+        start_from_position: int | None = None,
+    ) -> torch.Tensor:
+        if prompts is not None:
+            raise ValueError("per-step prompts are not supported: pass prompts= when opening the session")
+        if hypo_ids is not None:
+            raise NotImplementedError("hypo_ids (beam search) are not supported: the caches are not reordered")
+        if start_from_position is not None:
+            self.rewind(start_from_position)
+        batch, tokens = hidden_states.shape[:2]
+        if tokens == 0:
+            return hidden_states
+        if positions is None:
+            positions = (self.position + torch.arange(tokens)).expand(batch, tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, tokens, dtype=torch.bool)
+        out = self.session.step(hidden_states.cpu(), positions.cpu().long(), attention_mask.cpu().bool())
+        return out.to(hidden_states.device)
+
+    def describe_route(self):
+        return self.session.describe_route()
+
+    def __getattr__(self, name: str):
+        """What else the session offers (the swarm's `route`, `adapter`, ...), read through."""
+        if name == "session":  # not set yet (during unpickling or a failed __init__)
+            raise AttributeError(name)
+        return getattr(self.session, name)
+
+    def close(self) -> None:
+        self.session.close()
 
 
 class RemoteSequential(nn.Module):
@@ -62,12 +130,13 @@ class RemoteSequential(nn.Module):
         )  # fmt: skip
         return out.to(hidden_states.device)
 
-    def inference_session(self, max_length: int, **options) -> ChainSession:
-        """A raw chain session over every block (`.step(hidden, positions, mask)`, `.position`, `.close()`);
+    def inference_session(self, max_length: int, **options) -> BlocksSession:
+        """A raw session over these blocks (a slice gets a session over its blocks only): `.step(hidden)`
+        (positions and mask optional, as in Petals), `.position` (settable: rewinds), `.close()`;
         ``options`` are :meth:`RemoteChain.open_session`'s (adapter, prompts, extras)."""
         if (self.start, self.end) != (0, self.chain.num_blocks):
-            raise ValueError("an inference session covers every block; open it on the unsliced layers")
-        return self.chain.open_session(max_length, **options)
+            options["blocks"] = (self.start, self.end)
+        return BlocksSession(self.chain.open_session(max_length, **options))
 
     def __len__(self) -> int:
         return self.end - self.start

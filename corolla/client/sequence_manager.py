@@ -293,11 +293,11 @@ class RemoteSequenceManager(RemoteChain):
 
     def open_session(
         self, max_length: int, *, adapter: str | None = None, prompts: torch.Tensor | None = None,
-        extras: ChainExtras = NO_EXTRAS,
+        extras: ChainExtras = NO_EXTRAS, blocks: tuple[int, int] | None = None,
     ):  # fmt: skip
         from corolla.client.inference_session import InferenceSession
 
-        return InferenceSession(self, max_length, adapter=adapter, prompts=prompts, extras=extras)
+        return InferenceSession(self, max_length, adapter=adapter, prompts=prompts, extras=extras, blocks=blocks)
 
     def served_adapter(self, adapter: str | None = None) -> str | None:
         """The served adapter a request started now uses (see :mod:`corolla.client.active_adapter`)."""
