@@ -155,3 +155,22 @@ def test_a_failover_after_a_rewind_replays_only_accepted_tokens(make_swarm):
     expected = swarm.reference()(hidden, positions, mask)
     torch.testing.assert_close(first, expected[:, :4], atol=1e-5, rtol=0)
     torch.testing.assert_close(rest, expected[:, 5:], atol=1e-5, rtol=0)
+
+
+def test_petals_speculative_classes(tiny_llama, models):
+    """`AutoDistributedSpeculativeModel.from_pretrained(..., small_model=M)`: greedy generate drafts with M and
+    gives plain generation's tokens (Petals' class names and options)."""
+    from corolla import AutoDistributedSpeculativeModel
+
+    model, reference = models
+    stack = BlockStack.load(
+        str(tiny_llama), 0, reference.config.num_hidden_layers, dtype=torch.float32, progress=False
+    )
+    fast = AutoDistributedSpeculativeModel.from_pretrained(
+        str(tiny_llama), chain=LocalChain(stack), small_model=reference
+    )
+    assert type(fast).__name__ == "DistributedLlamaForSpeculativeGeneration"
+    plain = model.generate(PROMPT, max_new_tokens=16, do_sample=False)
+    out = fast.generate(PROMPT, max_new_tokens=16, do_sample=False, speculative_inference_iteration_size=4)
+    assert torch.equal(out, plain)
+    assert fast.speculation_stats["passes"] < 16 and fast.speculation_stats["accepted"] > 0
