@@ -32,6 +32,8 @@ _LAZY_EXPORTS = {
     "DistributedBloomForCausalLM": "corolla.client.model",
     "DistributedFalconForCausalLM": "corolla.client.model",
     "RemoteSequential": "corolla.client.remote_sequential",
+    "AutoDistributedConfig": "corolla.client.distributed_config",
+    "RemoteSequenceManager": "corolla.client.sequence_manager",
     "AutoDistributedSpeculativeModel": "corolla.client.speculative_model",
     "DistributedModelForSpeculativeGeneration": "corolla.client.speculative_model",
     "DistributedLlamaForSpeculativeGeneration": "corolla.client.speculative_model",

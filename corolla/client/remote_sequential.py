@@ -99,8 +99,26 @@ class BlocksSession(ChainSession):
 class RemoteSequential(nn.Module):
     """Blocks [start, end) of a remote chain, callable on hidden states [B, T, H]."""
 
-    def __init__(self, chain: RemoteChain, start: int = 0, end: int | None = None):
+    def __init__(
+        self,
+        chain,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        dht=None,
+        start_block: int | None = None,
+        end_block: int | None = None,
+    ):
+        """``RemoteSequential(chain, start, end)``, or Petals' ``RemoteSequential(config, dht=None,
+        start_block=None, end_block=None)`` with a config from `AutoDistributedConfig`: it joins the swarm
+        through the config's initial peers (or, given a hivemind ``DHT``, through that peer's addresses)."""
         super().__init__()
+        if not isinstance(chain, RemoteChain):
+            chain = _chain_from_config(chain, dht)
+        elif dht is not None:
+            raise ValueError("dht= is for building a RemoteSequential from a config, not from a chain")
+        start = start_block if start_block is not None else start
+        end = end_block if end_block is not None else end
         end = chain.num_blocks if end is None else end
         if not 0 <= start < end <= chain.num_blocks:
             raise ValueError(f"block range [{start}, {end}) is not within [0, {chain.num_blocks})")
@@ -155,3 +173,21 @@ class RemoteSequential(nn.Module):
 
     def extra_repr(self) -> str:
         return f"blocks [{self.start}, {self.end}) on {type(self.chain).__name__}"
+
+
+def _chain_from_config(config, dht) -> RemoteChain:
+    """A swarm chain for a model config made by `AutoDistributedConfig` (Petals' way of building one)."""
+    from corolla.client.distributed_config import client_options_of
+    from corolla.client.sequence_manager import RemoteSequenceManager
+
+    if not hasattr(config, "num_hidden_layers") or not getattr(config, "_name_or_path", None):
+        raise TypeError(
+            "RemoteSequential takes a RemoteChain or a config from AutoDistributedConfig.from_pretrained"
+        )
+    options = client_options_of(config)
+    initial_peers = list(options.pop("initial_peers", None) or ())
+    if dht is not None:  # a hivemind DHT object, as Petals scripts create: join through its addresses
+        initial_peers += [str(addr) for addr in dht.get_visible_maddrs()]
+    return RemoteSequenceManager.from_pretrained_args(
+        model_ref=config._name_or_path, config=config, initial_peers=initial_peers, **options
+    )

@@ -17,6 +17,7 @@ discovery over real server handlers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -40,6 +41,9 @@ from corolla.wire.messages import ModelRef, PingRequest, PingResponse
 from corolla.wire.records import WIRE_VERSION
 
 logger = logging.getLogger(__name__)
+
+#: client settings that AutoDistributedConfig (Petals) puts on a model config; not part of the model's identity
+CLIENT_CONFIG_KEYS = frozenset({f.name for f in dataclasses.fields(ClientConfig)} | {"active_adapter"})
 
 #: How a route is planned: the fastest chain for one token (inference), or load spread over replicas
 #: for batch forward/backward.
@@ -76,7 +80,9 @@ class RemoteSequenceManager(RemoteChain):
         from corolla.models.checkpoint import config_hash, default_dht_prefix
 
         cfg = ClientConfig(initial_peers=tuple(initial_peers or ()), dht_prefix=dht_prefix, **options)
-        model = ModelRef(dht_prefix or default_dht_prefix(model_ref), config_hash(config))
+        # the model's identity, without the client settings a config may carry (AutoDistributedConfig)
+        served = {k: v for k, v in config.to_dict().items() if k not in CLIENT_CONFIG_KEYS}
+        model = ModelRef(dht_prefix or default_dht_prefix(model_ref), config_hash(served))
         network = NetworkConfig(
             initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs, client_mode=True, nat_port_map=False
         )

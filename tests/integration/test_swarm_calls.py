@@ -152,3 +152,35 @@ def test_bfloat16_server_gets_compressed_activations(shared_swarm, tiny_llama):
         assert torch.allclose(out, expected, atol=2e-2, rtol=2e-2)
     finally:
         manager.shutdown()
+
+
+def test_petals_style_remote_sequential_from_a_config(shared_swarm, tiny_llama, local_stack):
+    """Petals scripts build the blocks from `AutoDistributedConfig` (and a hivemind DHT object) rather than
+    from a model: whole-chain and sliced forwards and a sliced session, equal to the local blocks."""
+    from hivemind import DHT
+
+    from corolla import AutoDistributedConfig, RemoteSequential
+
+    config = AutoDistributedConfig.from_pretrained(tiny_llama, initial_peers=shared_swarm.initial_peers)
+    assert config.initial_peers == list(shared_swarm.initial_peers) and config.num_hidden_layers == 8
+    hidden, positions, mask = _inputs(1, 6, seed=9)
+    sequential = RemoteSequential(config)
+    try:
+        torch.testing.assert_close(sequential(hidden), local_stack(hidden, positions, mask), atol=1e-5, rtol=0)
+        middle = sequential[3:6]
+        expected = local_stack(hidden, positions, mask, None, 0, (3, 6))
+        torch.testing.assert_close(middle(hidden), expected, atol=1e-5, rtol=0)
+        with middle.inference_session(max_length=8) as session:
+            steps = torch.cat([session.step(hidden[:, :4]), session.step(hidden[:, 4:])], dim=1)
+        torch.testing.assert_close(steps, expected, atol=1e-5, rtol=0)
+    finally:
+        sequential.chain.shutdown()
+    dht = DHT(initial_peers=config.initial_peers, client_mode=True, start=True)
+    try:
+        blocks = RemoteSequential(config, dht=dht, start_block=3, end_block=6)
+        try:
+            torch.testing.assert_close(blocks(hidden), expected, atol=1e-5, rtol=0)
+        finally:
+            blocks.chain.shutdown()
+    finally:
+        dht.shutdown()
