@@ -22,3 +22,21 @@ def make_swarm(tiny_llama):
     yield make
     for swarm in made:
         swarm.close()
+
+
+@pytest.fixture(scope="module")
+def local_models(tiny_llama):
+    """(corolla's client model on an in-process LocalChain, transformers' model, the BlockStack) of the tiny
+    Llama: the same weights three ways."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from corolla import AutoDistributedModelForCausalLM
+    from corolla.client.local_chain import LocalChain
+    from corolla.models.stack import BlockStack
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    layers = reference.config.num_hidden_layers
+    stack = BlockStack.load(str(tiny_llama), 0, layers, dtype=torch.float32, progress=False)
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), chain=LocalChain(stack))
+    return model, reference, stack

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
-from corolla import AutoDistributedModelForCausalLM
-from corolla.client.local_chain import LocalChain
-from corolla.models.stack import BlockStack
 
 
 @pytest.fixture(scope="module")
-def models(tiny_llama):
-    reference = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    stack = BlockStack.load(
-        str(tiny_llama), 0, reference.config.num_hidden_layers, dtype=torch.float32, progress=False
-    )
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), chain=LocalChain(stack))
-    return model, reference, stack
+def models(local_models):
+    return local_models
 
 
 def test_a_session_over_a_slice_of_blocks(models):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from corolla import AutoDistributedModelForCausalLM
 from corolla.client.local_chain import LocalChain
 from corolla.client.speculative import PromptLookupDrafter, verify_drafts
 from corolla.models.stack import BlockStack
@@ -17,12 +15,8 @@ PROMPT = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 9, 5, 6, 7, 8, 5, 6]])
 
 
 @pytest.fixture(scope="module")
-def models(tiny_llama):
-    reference = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    stack = BlockStack.load(
-        str(tiny_llama), 0, reference.config.num_hidden_layers, dtype=torch.float32, progress=False
-    )
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_llama), chain=LocalChain(stack))
+def models(local_models):
+    model, reference, _ = local_models
     return model, reference
 
 
