@@ -29,7 +29,6 @@ import asyncio
 import functools
 import itertools
 import logging
-import os
 import time
 from typing import TYPE_CHECKING
 
@@ -37,12 +36,11 @@ import torch
 
 from corolla.client.chain import NO_EXTRAS, ChainExtras, ChainSession, RouteHop
 from corolla.client.failure_policy import blame
+from corolla.client.hop_session import HopSession, UnresponsiveServerError
 from corolla.client.routing import DEFAULT_LATENCY, DEFAULT_RTT, Hop, format_route
 from corolla.models.deep_prompts import prompt_overlap
-from corolla.swarm.transport import Connection
 from corolla.wire.errors import SessionLengthError
 from corolla.wire.messages import (
-    PUSH_ID_BYTES,
     InferenceOpen,
     InferenceOpened,
     InferencePromptStep,
@@ -56,42 +54,6 @@ if TYPE_CHECKING:
     from corolla.client.sequence_manager import RemoteSequenceManager
 
 logger = logging.getLogger(__name__)
-
-
-class UnresponsiveServerError(TimeoutError):
-    """A server missed its deadline and did not answer a ping."""
-
-
-class _HopSession:
-    """One server's part of the chain: an open stream, its expected speed, and its input history."""
-
-    def __init__(
-        self, hop: Hop, conn: Connection, compression: str | None, expected_token_time: float, rtt: float
-    ):
-        self.hop, self.conn, self.compression = hop, conn, compression
-        #: names this hop's server session for pushed steps, and the secret they must carry
-        self.session_id, self.push_token = os.urandom(PUSH_ID_BYTES), os.urandom(PUSH_ID_BYTES)
-        #: the server's InferenceOpened, awaited before the first step's result (the open rides with it)
-        self.opened: asyncio.Future | None = None
-        self.history: list[torch.Tensor] = []
-        self.broken = False  # failed: replace it (replaying its history) before its next step
-        self.accepts_push = True  # False after a push into it was late or lost: the client relays to it
-        self.token_time = expected_token_time  # EMA of seconds per token in multi-token steps
-        self.step_time = expected_token_time + rtt  # EMA of seconds per one-token step
-
-    def expected(self, tokens: int) -> float:
-        return max(self.step_time, self.token_time * tokens)
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        if tokens == 1:
-            self.step_time = 0.7 * self.step_time + 0.3 * seconds
-        else:
-            self.token_time = 0.7 * self.token_time + 0.3 * seconds / tokens
-
-    def close(self) -> None:
-        if self.opened is not None and not self.opened.done():
-            self.opened.cancel()
-        self.conn.close()
 
 
 class InferenceSession(ChainSession):
@@ -117,7 +79,7 @@ class InferenceSession(ChainSession):
             self.adapter, self.route_adapter = extras.adapter, None
         else:  # a served adapter, chosen now in the caller's thread (see corolla.client.active_adapter)
             self.adapter = self.route_adapter = manager.served_adapter(adapter)
-        self._hops: list[_HopSession] = []
+        self._hops: list[HopSession] = []
         self._positions: list[torch.Tensor] = []
         self._masks: list[torch.Tensor] = []
         self._position = 0
@@ -213,7 +175,7 @@ class InferenceSession(ChainSession):
         hop.history.append(x)
         return y
 
-    async def _hop_step(self, hop: _HopSession, message, pushed: bool) -> torch.Tensor:
+    async def _hop_step(self, hop: HopSession, message, pushed: bool) -> torch.Tensor:
         """Send ``message`` (unless its input was ``pushed``) and wait for the hop's output; a pushed input
         that is late by a deadline is relayed (the server runs a step id once, whichever copy comes first)."""
         tokens = message.hidden.shape[1]
@@ -242,7 +204,7 @@ class InferenceSession(ChainSession):
         hop.observe(tokens, time.perf_counter() - t0)
         return output.hidden
 
-    async def _send_step(self, hop: _HopSession, message) -> None:
+    async def _send_step(self, hop: HopSession, message) -> None:
         try:
             await hop.conn.send(message, hop.compression)
         except (ConnectionError, OSError):
@@ -250,7 +212,7 @@ class InferenceSession(ChainSession):
             raise
 
     @staticmethod
-    async def _recv_result(hop: _HopSession, step_id: int) -> InferenceStepResult:
+    async def _recv_result(hop: HopSession, step_id: int) -> InferenceStepResult:
         """The result of step ``step_id`` (results of steps the client no longer waits for are skipped)."""
         while True:
             result = await hop.conn.recv(InferenceStepResult)
@@ -266,7 +228,7 @@ class InferenceSession(ChainSession):
         prompts = self.prompts[hop.start : hop.end].to(x.dtype).contiguous()
         return InferencePromptStep(offset, x, positions, mask, prompts, step_id)
 
-    async def _await_alive(self, hop: _HopSession, coro, expected: float):
+    async def _await_alive(self, hop: HopSession, coro, expected: float):
         """Await ``coro``; past each deadline, ping the server and give up only if it does not answer."""
         cfg = self.manager.config
         task = asyncio.ensure_future(coro)
@@ -287,7 +249,7 @@ class InferenceSession(ChainSession):
             if not task.done():
                 task.cancel()
 
-    async def _open_chain(self, start: int, end: int, history: list[torch.Tensor] | None) -> list[_HopSession]:
+    async def _open_chain(self, start: int, end: int, history: list[torch.Tensor] | None) -> list[HopSession]:
         """Open sessions covering [start, end) and replay ``history`` (that span's inputs) into them."""
         opened = await self.manager.policy.retry(
             functools.partial(self._open_chain_attempt, start, end, history), self.extras.recover
@@ -305,7 +267,7 @@ class InferenceSession(ChainSession):
         need = (self._batch_size or 1) * self.max_length
         route = await self.manager.make_route(start, end, min_free_cache=need, adapter=self.route_adapter)
         results = await asyncio.gather(*(self._open_hop(hop) for hop in route), return_exceptions=True)
-        opened = [r for r in results if isinstance(r, _HopSession)]
+        opened = [r for r in results if isinstance(r, HopSession)]
         try:
             for hop, result in zip(route, results):
                 if isinstance(result, BaseException):
@@ -324,7 +286,7 @@ class InferenceSession(ChainSession):
             raise
         return opened
 
-    async def _open_hop(self, hop: Hop) -> _HopSession:
+    async def _open_hop(self, hop: Hop) -> HopSession:
         """Connect and send ``InferenceOpen``; the answer is awaited later (:meth:`_confirm_open`)."""
         manager = self.manager
         await self.extras.before_call(manager, hop.peer_id, hop.start, hop.end)
@@ -335,7 +297,7 @@ class InferenceSession(ChainSession):
         rtt = manager.rtts.get(hop.peer_id, DEFAULT_RTT)
         # until the server answers, send in the dtype it announces (it computes in it: no precision is lost)
         announced = info.torch_dtype if info is not None else None
-        session = _HopSession(hop, conn, announced if announced in FLOAT_COMPRESSIONS else None, expected, rtt)
+        session = HopSession(hop, conn, announced if announced in FLOAT_COMPRESSIONS else None, expected, rtt)
         compression = INT8_ROWWISE if manager.config.activation_compression == "int8" else ""
         if compression:
             session.compression = compression
@@ -361,7 +323,7 @@ class InferenceSession(ChainSession):
         )
         return session
 
-    async def _confirm_open(self, session: _HopSession) -> None:
+    async def _confirm_open(self, session: HopSession) -> None:
         """Wait for the hop's ``InferenceOpened`` (once) and send in the dtype the server computes in."""
         if session.opened is None:
             return
@@ -369,7 +331,7 @@ class InferenceSession(ChainSession):
         if session.compression != INT8_ROWWISE:
             session.compression = opened.dtype if opened.dtype in FLOAT_COMPRESSIONS else None
 
-    async def _replay(self, session: _HopSession, x: torch.Tensor) -> torch.Tensor:
+    async def _replay(self, session: HopSession, x: torch.Tensor) -> torch.Tensor:
         """Send the whole history to a fresh server, in chunks that fit a message; returns its outputs."""
         positions, mask = torch.cat(self._positions, dim=1), torch.cat(self._masks, dim=1)
         per_token = x.shape[0] * x.shape[2] * x.element_size()
