@@ -295,12 +295,12 @@ class InferenceSession(ChainSession):
         latency = info.inference_latency if info and info.inference_latency > 0 else DEFAULT_LATENCY
         expected = latency * (hop.end - hop.start)
         rtt = manager.rtts.get(hop.peer_id, DEFAULT_RTT)
-        # until the server answers, send in the dtype it announces (it computes in it: no precision is lost)
+        # int8 if the client asked for it; else, until the server answers, the dtype it announces (it computes
+        # in it: no precision is lost)
         announced = info.torch_dtype if info is not None else None
-        session = HopSession(hop, conn, announced if announced in FLOAT_COMPRESSIONS else None, expected, rtt)
         compression = INT8_ROWWISE if manager.config.activation_compression == "int8" else ""
-        if compression:
-            session.compression = compression
+        initial = compression or (announced if announced in FLOAT_COMPRESSIONS else None)
+        session = HopSession(hop, conn, initial, expected, rtt)
         try:
             push = (session.session_id, session.push_token) if manager.config.push else (b"", b"")
             await conn.send(

@@ -40,7 +40,6 @@ class BlocksSession(ChainSession):
 
     def __init__(self, session: ChainSession):
         self.session, self.max_length = session, session.max_length
-        self.last_token_id: torch.Tensor | None = None  # kept for Petals scripts that read or set it
 
     @property
     def position(self) -> int:
@@ -73,15 +72,10 @@ class BlocksSession(ChainSession):
             raise NotImplementedError("hypo_ids (beam search) are not supported: the caches are not reordered")
         if start_from_position is not None:
             self.rewind(start_from_position)
-        batch, tokens = hidden_states.shape[:2]
-        if tokens == 0:
+        if hidden_states.shape[1] == 0:
             return hidden_states
-        if positions is None:
-            positions = (self.position + torch.arange(tokens)).expand(batch, tokens)
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, tokens, dtype=torch.bool)
-        out = self.session.step(hidden_states.cpu(), positions.cpu().long(), attention_mask.cpu().bool())
-        return out.to(hidden_states.device)
+        positions, mask = _chain_inputs(hidden_states, positions, attention_mask, first=self.position)
+        return self.session.step(hidden_states.cpu(), positions, mask).to(hidden_states.device)
 
     def describe_route(self):
         return self.session.describe_route()
@@ -136,14 +130,9 @@ class RemoteSequential(nn.Module):
 
         ``prompts`` [len(self), B or 1, K, H]: deep prompts added before each block to the first K tokens.
         """
-        batch, length = hidden_states.shape[:2]
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.bool)
-        if position_ids is None:
-            position_ids = torch.arange(length).unsqueeze(0)
-        positions = position_ids.to("cpu", torch.long).expand(batch, length)
+        positions, mask = _chain_inputs(hidden_states, position_ids, attention_mask, first=0)
         out = self.chain.forward(
-            hidden_states.cpu(), positions, attention_mask.cpu().bool(), self.start, self.end,
+            hidden_states.cpu(), positions, mask, self.start, self.end,
             prompts=None if prompts is None else prompts.cpu(),
         )  # fmt: skip
         return out.to(hidden_states.device)
@@ -191,3 +180,14 @@ def _chain_from_config(config, dht) -> RemoteChain:
     return RemoteSequenceManager.from_pretrained_args(
         model_ref=config._name_or_path, config=config, initial_peers=initial_peers, **options
     )
+
+
+def _chain_inputs(hidden: torch.Tensor, positions, mask, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, T] (int64, CPU) and mask [B, T] (bool, CPU) for the chain: the given ones, else
+    ``first``, ``first + 1``, ... and every token real (`LlamaModel.forward`'s defaults)."""
+    batch, tokens = hidden.shape[:2]
+    if positions is None:
+        positions = first + torch.arange(tokens).unsqueeze(0)
+    if mask is None:
+        mask = torch.ones(batch, tokens, dtype=torch.bool)
+    return positions.to("cpu", torch.long).expand(batch, tokens), mask.cpu().bool()

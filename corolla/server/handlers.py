@@ -272,12 +272,12 @@ class RequestHandler:
     async def _step(self, session, step, writer, from_push: bool, pusher: Pusher | None, compression) -> None:
         prompts = step.prompts if isinstance(step, InferencePromptStep) else None
         push = () if isinstance(step, InferencePromptStep) else step.push
-        if push and pusher is None:
-            raise BadRequestError("this server cannot push steps to other servers")
-        if len(push) > MAX_PUSH_HOPS:
-            raise BadRequestError(f"a step may be pushed through at most {MAX_PUSH_HOPS} more hops")
         self._check_accepting()
         try:
+            if push and pusher is None:
+                raise BadRequestError("this server cannot push steps to other servers")
+            if len(push) > MAX_PUSH_HOPS:
+                raise BadRequestError(f"a step may be pushed through at most {MAX_PUSH_HOPS} more hops")
             out = await asyncio.wait_for(
                 self.backend.inference_step(
                     session, step.offset, step.hidden, step.positions, step.attention_mask, prompts

@@ -23,11 +23,10 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from corolla.paths import cache_dir as corolla_cache_dir
+from corolla.paths import cache_dir
 from corolla.swarm.transport import call
 from corolla.wire.messages import PingRequest, PingResponse, ProbeRequest, ProbeResponse
 
@@ -43,10 +42,6 @@ class ComputeThroughput:
 
     inference: float  # batch 1, one token per step, with a KV cache
     forward: float  # a batch forward without cache (fine-tuning, prompt scoring)
-
-
-def cache_dir() -> Path:
-    return corolla_cache_dir()
 
 
 def device_name(device: torch.device | str) -> str:
