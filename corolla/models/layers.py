@@ -7,6 +7,9 @@ Decisions:
   concatenate the HF tensors into them (see `corolla.models.family.WeightMap`).
 - **Tokens as rows.** Blocks see activations as 2-D `[B * T, H]`: `nn.Linear` on 2-D input is one
   `addmm`, about half the dispatch cost of the 3-D path on a one-token step (measured on CPU).
+- **Batches of sessions.** A server runs the waiting steps of several sessions as one forward
+  (`SegmentedInputs`): the rows of all sessions go through each projection and MLP together (one read of
+  the weights for all), and attention runs per session, against its own cache, offset and mask.
 - **Computed once per forward.** `RotaryEmbedding` returns cos/sin for the positions of a forward and
   `attention_masks` builds its masks; the caller (`BlockStack`) shares both among all blocks.
 - **Rotary without `rotate_half`.** `rotate_half(x) * sin == x.roll(d/2) * [-sin, sin]` exactly (the
@@ -260,6 +263,14 @@ class AttentionInputs:
     length: int  # T
 
 
+@dataclass
+class SegmentedInputs:
+    """A forward over several independent sequences (one server's batch of sessions): their rows are
+    concatenated in this order, each segment with its own positions, masks, cache and offset."""
+
+    segments: list[AttentionInputs]
+
+
 def attention_masks(
     attention_mask: torch.Tensor, offset: int, length: int, windows, n_rep: int, dtype: torch.dtype = torch.bool
 ) -> dict[int | None, torch.Tensor]:
@@ -332,11 +343,25 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, device=device)
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache=None) -> torch.Tensor:
-        """x [B * T, hidden] -> [B * T, hidden]."""
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs | SegmentedInputs, cache=None) -> torch.Tensor:
+        """x [B * T, hidden] -> [B * T, hidden]. With :class:`SegmentedInputs` (a batch of independent
+        sequences), ``cache`` is a list with one cache (or None) per segment: the projections run once over
+        every row, the attention once per segment."""
+        qkv = self.qkv(x)
+        if isinstance(inputs, SegmentedInputs):
+            outs, row = [], 0
+            for segment, segment_cache in zip(inputs.segments, cache, strict=True):
+                rows = segment.batch * segment.length
+                outs.append(self._attend(qkv[row : row + rows], segment, segment_cache))
+                row += rows
+            return self.o(torch.cat(outs))
+        return self.o(self._attend(qkv, inputs, cache))
+
+    def _attend(self, qkv: torch.Tensor, inputs: AttentionInputs, cache) -> torch.Tensor:
+        """Projected rows [B * T, (heads + 2 kv heads) * d] -> attention output [B * T, heads * d]."""
         batch, length = inputs.batch, inputs.length
         n_q, n_kv, n_rep = self.num_heads, self.num_kv_heads, self.n_rep
-        qkv = self.qkv(x).view(batch, length, n_q + 2 * n_kv, self.head_dim)
+        qkv = qkv.view(batch, length, n_q + 2 * n_kv, self.head_dim)
         qk = qkv[:, :, : n_q + n_kv]
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :, :n_q]), self.k_norm(qk[:, :, n_q:])), dim=2)
@@ -354,4 +379,4 @@ class Attention(nn.Module):
             k, v = cache.k[:, :, :end], cache.v[:, :, :end]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.masks[self.sliding_window])
         out = out.view(batch, n_kv, n_rep, length, self.head_dim).permute(0, 3, 1, 2, 4)
-        return self.o(out.reshape(batch * length, n_q * self.head_dim))
+        return out.reshape(batch * length, n_q * self.head_dim)

@@ -11,10 +11,12 @@ checks only what would corrupt its own state, with ``ValueError``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from corolla.models.deep_prompts import run_blocks
-from corolla.models.stack import BlockStack
+from corolla.models.stack import BlockStack, Segment
 
 
 class KVSession:
@@ -45,6 +47,22 @@ class KVSession:
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The T new tokens through the blocks at cache ``offset``; returns [B, T, H] in the stack's dtype."""
+        segment = self._segment(offset, hidden, positions, mask)
+        out = run_blocks(
+            self.stack,
+            (self.start, self.end),
+            segment.hidden,
+            segment.positions,
+            segment.attention_mask,
+            None if prompts is None else prompts.to(segment.hidden.device, segment.hidden.dtype),
+            self.caches,
+            offset,
+        )
+        self.length = offset + hidden.shape[1]
+        return out
+
+    def _segment(self, offset: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> Segment:
+        """Check that a step fits, record its tokens' mask, and return it as the stack's forward takes it."""
         end = offset + hidden.shape[1]
         if not 0 <= offset <= self.length or end > self.max_length:
             raise ValueError(
@@ -54,15 +72,32 @@ class KVSession:
         parameter = next(self.stack.parameters())
         device, dtype = parameter.device, parameter.dtype
         self.valid[:, offset:end] = mask.to(device)
-        out = run_blocks(
-            self.stack,
-            (self.start, self.end),
-            hidden.to(device, dtype),
-            positions.to(device),
-            self.valid[:, :end],
-            None if prompts is None else prompts.to(device, dtype),
-            self.caches,
-            offset,
-        )
-        self.length = end
-        return out
+        return Segment(hidden.to(device, dtype), positions.to(device), self.valid[:, :end], self.caches, offset)
+
+
+class SessionStep(NamedTuple):
+    """One step of one session, as :func:`step_sessions` takes it (:meth:`KVSession.step`'s arguments)."""
+
+    session: KVSession
+    offset: int
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
+def step_sessions(steps: list[SessionStep]) -> list[torch.Tensor]:
+    """Steps of several sessions over the same blocks of one stack, as one forward (the projections and
+    MLPs run once over all their rows; see ``BlockStack.forward_segments``). Each output equals that
+    session's own :meth:`KVSession.step` up to matmul rounding. No deep prompts here: such steps run alone."""
+    first = steps[0].session
+    for step in steps:
+        session = step.session
+        if (session.stack, session.start, session.end) != (first.stack, first.start, first.end):
+            raise ValueError("sessions of one batch must run the same blocks of the same stack")
+    if len({id(step.session) for step in steps}) != len(steps):
+        raise ValueError("a batch holds at most one step per session")
+    segments = [step.session._segment(step.offset, step.hidden, step.positions, step.mask) for step in steps]
+    outs = first.stack.forward_segments(segments, (first.start, first.end))
+    for step in steps:
+        step.session.length = step.offset + step.hidden.shape[1]
+    return outs

@@ -9,6 +9,8 @@ This is what a server hosts. Public API::
     stack.cache_bytes_per_token() -> int             # one block, k + v, in the stack's dtype
     stack.allocate_cache(batch, max_length, blocks=None) -> list[LayerCache]   # zeroed, one per block
     stack(hidden, positions, attention_mask, caches=None, offset=0, blocks=None) -> hidden
+    stack.forward_segments([Segment(hidden, positions, attention_mask, caches, offset), ...], blocks=None)
+                                                     # several sessions' steps as one forward
     stack.quant_type                                 # "none", or what `corolla.models.quant` applied
 
 Forward semantics (`hidden` [B, T, H] in the stack's dtype; `positions` [B, T] absolute position ids
@@ -38,13 +40,21 @@ stack never holds two copies of its weights.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from corolla.models.cache import LayerCache
 from corolla.models.errors import CheckpointError
 from corolla.models.family import ModelFamily, assemble_state
-from corolla.models.layers import AttentionInputs, RotaryEmbedding, add_position_bias, attention_masks
+from corolla.models.layers import (
+    AttentionInputs,
+    RotaryEmbedding,
+    SegmentedInputs,
+    add_position_bias,
+    attention_masks,
+)
 from corolla.models.registry import get_family, open_checkpoint
 
 
@@ -155,6 +165,32 @@ class BlockStack(nn.Module):
         blocks: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         first, last = self._block_range(blocks)
+        inputs = self._attention_inputs(hidden, positions, attention_mask, caches, offset, (first, last))
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        for i, layer in enumerate(self.layers[first - self.start : last - self.start]):
+            rows = layer(rows, inputs, None if caches is None else caches[i])
+        return rows.view(hidden.shape)
+
+    def forward_segments(
+        self, segments: list[Segment], blocks: tuple[int, int] | None = None
+    ) -> list[torch.Tensor]:
+        """Several independent sequences (e.g. different sessions' steps) through blocks ``blocks`` as one
+        forward: each :class:`Segment` is what :meth:`forward` takes, with its own caches and offset; the
+        rows of all segments share each projection and MLP, attention runs per segment. Returns each
+        segment's output, as :meth:`forward` would (up to matmul rounding)."""
+        first, last = self._block_range(blocks)
+        inputs = SegmentedInputs([self._attention_inputs(*segment, (first, last)) for segment in segments])
+        rows = torch.cat([segment.hidden.reshape(-1, segment.hidden.shape[-1]) for segment in segments])
+        for i, layer in enumerate(self.layers[first - self.start : last - self.start]):
+            rows = layer(rows, inputs, [None if s.caches is None else s.caches[i] for s in segments])
+        sizes = [segment.hidden.shape[0] * segment.hidden.shape[1] for segment in segments]
+        return [out.view(s.hidden.shape) for out, s in zip(rows.split(sizes), segments, strict=True)]
+
+    def _attention_inputs(
+        self, hidden, positions, attention_mask, caches, offset: int, blocks: tuple[int, int]
+    ) -> AttentionInputs:
+        """Rotary tables and masks of one forward, shared by all its blocks."""
+        first, last = blocks
         batch, length, _ = hidden.shape
         _check_step(hidden, positions, attention_mask, caches, offset, last - first)
         cos, sin = self.rotary(positions, hidden.dtype) if self.rotary is not None else (None, None)
@@ -163,11 +199,17 @@ class BlockStack(nn.Module):
         if self.position_bias is not None:
             bias = self.position_bias(attention_mask, hidden.dtype)
             masks = {w: add_position_bias(m, bias, self.n_rep, length) for w, m in masks.items()}
-        inputs = AttentionInputs(cos, sin, masks, offset, batch, length)
-        rows = hidden.reshape(batch * length, hidden.shape[-1])
-        for i, layer in enumerate(self.layers[first - self.start : last - self.start]):
-            rows = layer(rows, inputs, None if caches is None else caches[i])
-        return rows.view(hidden.shape)
+        return AttentionInputs(cos, sin, masks, offset, batch, length)
+
+
+class Segment(NamedTuple):
+    """One sequence of a :meth:`BlockStack.forward_segments` batch: :meth:`BlockStack.forward`'s arguments."""
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    attention_mask: torch.Tensor
+    caches: list[LayerCache] | None
+    offset: int
 
 
 def _check_range(config, start: int, end: int) -> None:
