@@ -33,7 +33,7 @@ from corolla.client.chain import RemoteChain
 from corolla.client.ptune import PromptTuning
 from corolla.client.remote_sequential import RemoteSequential
 from corolla.models.checkpoint import Checkpoint, default_dht_prefix
-from corolla.models.client_head import ClientHead
+from corolla.models.client_head import ClientHead, NormedEmbedding
 from corolla.models.registry import UnsupportedModelError, supported_model_types
 
 __all__ = [
@@ -82,7 +82,11 @@ class RemoteDecoderModel(nn.Module):
         return self.layers
 
     @property
-    def word_embeddings(self) -> nn.Embedding:
+    def word_embeddings(self) -> nn.Module:
+        """The token embeddings; for BLOOM, without the LayerNorm that `embed_tokens` applies after them (Petals'
+        layout: scripts apply `word_embeddings_layernorm` themselves)."""
+        if isinstance(self.embed_tokens, NormedEmbedding):
+            return _RawEmbedding(self.embed_tokens)
         return self.embed_tokens
 
     @property
@@ -91,11 +95,9 @@ class RemoteDecoderModel(nn.Module):
 
     @property
     def word_embeddings_layernorm(self) -> nn.Module:
-        """BLOOM's LayerNorm after the word embeddings (applied inside `embed_tokens` here)."""
-        norm = getattr(self.embed_tokens, "norm", None)
-        if norm is None:
-            raise AttributeError(f"{type(self.embed_tokens).__name__} has no word-embeddings LayerNorm")
-        return norm
+        """BLOOM's LayerNorm after the word embeddings; `nn.Identity()` for families without one, as in Petals
+        (scripts apply it after `word_embeddings` unconditionally)."""
+        return getattr(self.embed_tokens, "norm", None) or nn.Identity()
 
     def forward(
         self,
@@ -111,6 +113,21 @@ class RemoteDecoderModel(nn.Module):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         hidden = self.layers(hidden, attention_mask=attention_mask, position_ids=position_ids)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+
+
+class _RawEmbedding(nn.Module):
+    """A `NormedEmbedding`'s lookup without its norm (the same weight, not a copy): Petals' `word_embeddings`."""
+
+    def __init__(self, embedding: NormedEmbedding):
+        super().__init__()
+        self.embedding = embedding
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.embedding.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.Embedding.forward(self.embedding, input_ids)
 
 
 class DistributedPreTrainedModel(PreTrainedModel):

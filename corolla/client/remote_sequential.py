@@ -102,12 +102,19 @@ class RemoteSequential(nn.Module):
         dht=None,
         start_block: int | None = None,
         end_block: int | None = None,
+        sequence_manager: RemoteChain | None = None,
     ):
         """``RemoteSequential(chain, start, end)``, or Petals' ``RemoteSequential(config, dht=None,
-        start_block=None, end_block=None)`` with a config from `AutoDistributedConfig`: it joins the swarm
-        through the config's initial peers (or, given a hivemind ``DHT``, through that peer's addresses)."""
+        start_block=None, end_block=None, sequence_manager=None)`` with a config from `AutoDistributedConfig`:
+        it joins the swarm through the config's initial peers (or, given a hivemind ``DHT``, through that peer's
+        addresses), or uses ``sequence_manager`` (a `RemoteSequenceManager` of the same model)."""
         super().__init__()
-        if not isinstance(chain, RemoteChain):
+        if sequence_manager is not None:
+            if dht is not None:
+                raise ValueError("pass either dht= or sequence_manager=, not both")
+            _check_manager_fits(chain, sequence_manager)
+            chain = sequence_manager
+        elif not isinstance(chain, RemoteChain):
             chain = _chain_from_config(chain, dht)
         elif dht is not None:
             raise ValueError("dht= is for building a RemoteSequential from a config, not from a chain")
@@ -136,6 +143,11 @@ class RemoteSequential(nn.Module):
             prompts=None if prompts is None else prompts.cpu(),
         )  # fmt: skip
         return out.to(hidden_states.device)
+
+    @property
+    def sequence_manager(self) -> RemoteChain:
+        """Petals' name for the chain these blocks run on (the whole model's, also for a slice)."""
+        return self.chain
 
     def inference_session(self, max_length: int, **options) -> BlocksSession:
         """A raw session over these blocks (a slice gets a session over its blocks only): `.step(hidden)`
@@ -166,20 +178,21 @@ class RemoteSequential(nn.Module):
 
 def _chain_from_config(config, dht) -> RemoteChain:
     """A swarm chain for a model config made by `AutoDistributedConfig` (Petals' way of building one)."""
-    from corolla.client.distributed_config import client_options_of
     from corolla.client.sequence_manager import RemoteSequenceManager
 
     if not hasattr(config, "num_hidden_layers") or not getattr(config, "_name_or_path", None):
         raise TypeError(
             "RemoteSequential takes a RemoteChain or a config from AutoDistributedConfig.from_pretrained"
         )
-    options = client_options_of(config)
-    initial_peers = list(options.pop("initial_peers", None) or ())
-    if dht is not None:  # a hivemind DHT object, as Petals scripts create: join through its addresses
-        initial_peers += [str(addr) for addr in dht.get_visible_maddrs()]
-    return RemoteSequenceManager.from_pretrained_args(
-        model_ref=config._name_or_path, config=config, initial_peers=initial_peers, **options
-    )
+    return RemoteSequenceManager(config, dht=dht)
+
+
+def _check_manager_fits(config, manager: RemoteChain) -> None:
+    if not isinstance(manager, RemoteChain):
+        raise TypeError(f"sequence_manager must be a RemoteSequenceManager, got {type(manager).__name__}")
+    layers = getattr(config, "num_hidden_layers", manager.num_blocks)
+    if manager.num_blocks != layers:
+        raise ValueError(f"the sequence manager has {manager.num_blocks} blocks, the config {layers}")
 
 
 def _chain_inputs(hidden: torch.Tensor, positions, mask, first: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,8 +20,9 @@ import asyncio
 import dataclasses
 import logging
 import math
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -54,16 +55,39 @@ class RemoteSequenceManager(RemoteChain):
     def __init__(
         self,
         config: ClientConfig,
-        model: ModelRef,
-        num_blocks: int,
-        transport: Transport,
-        discovery: Discovery,
-        bridge: LoopThread,
+        model: ModelRef | Sequence[str] | None = None,
+        num_blocks: int | None = None,
+        transport: Transport | None = None,
+        discovery: Discovery | None = None,
+        bridge: LoopThread | None = None,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
+        *,
+        dht=None,
+        state=None,
     ):
+        """A manager over the given parts (``config`` a `ClientConfig`; unit tests pass in-memory seams), or
+        Petals' form ``RemoteSequenceManager(config, block_uids=None, *, dht=None)``: ``config`` from
+        `AutoDistributedConfig`, ``block_uids`` the uids ``f"{dht_prefix}.{i}"`` of every block (None: all),
+        ``dht`` a hivemind `DHT` whose addresses are used as initial peers; it joins the swarm as
+        `from_pretrained_args` does (see `corolla.client.distributed_config.petals_manager_args`)."""
+        for name in ("rpc_info", "get_request_metadata"):
+            if hasattr(type(self), name):  # a Petals subclass overriding its hivemind RPC hooks
+                raise NotImplementedError(
+                    f"{type(self).__name__}.{name} would be ignored: corolla has no hivemind RPC schema or "
+                    "request metadata (use ClientConfig.activation_compression for lossy activations)"
+                )
+        if not isinstance(config, ClientConfig):
+            from corolla.client.distributed_config import petals_manager_args
+
+            parts = _swarm_parts(**petals_manager_args(config, model, dht=dht, state=state))
+            config, model, num_blocks, transport, discovery, bridge, on_shutdown = parts
+        elif dht is not None or state is not None:
+            raise TypeError("dht= and state= are for Petals' form RemoteSequenceManager(config, block_uids, dht=)")
         self.config, self.model, self.num_blocks = config, model, num_blocks
         self.transport, self.discovery, self.bridge = transport, discovery, bridge
         self._on_shutdown = on_shutdown
+        #: set once the swarm has been read (Petals' `sequence_manager.ready`)
+        self.ready = threading.Event()
         self.spans: dict[str, RemoteSpanInfo] = {}
         self.refused: dict[str, str] = {}  # peer -> why we do not use it
         self.rtts: dict[str, float] = {}
@@ -71,31 +95,15 @@ class RemoteSequenceManager(RemoteChain):
         self._last_seen: dict[str, float] = {}
         self._updated_at = -math.inf
         self._update_lock = asyncio.Lock()
+        self._shut_down = False
         self._refresher = asyncio.run_coroutine_threadsafe(self.refresh_forever(), bridge.loop)
 
     @classmethod
     def from_pretrained_args(
         cls, *, model_ref: str, config: Any, initial_peers=None, dht_prefix: str | None = None, **options: Any
     ) -> RemoteSequenceManager:
-        from corolla.models.checkpoint import config_hash, default_dht_prefix
-
-        cfg = ClientConfig(initial_peers=tuple(initial_peers or ()), dht_prefix=dht_prefix, **options)
-        # the model's identity, without the client settings a config may carry (AutoDistributedConfig)
-        served = {k: v for k, v in config.to_dict().items() if k not in CLIENT_CONFIG_KEYS}
-        model = ModelRef(dht_prefix or default_dht_prefix(model_ref), config_hash(served))
-        network = NetworkConfig(
-            initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs, client_mode=True, nat_port_map=False
-        )
-        bridge = LoopThread()
-        try:
-            node = bridge.run(SwarmNode.start(network))
-        except BaseException:
-            bridge.shutdown()
-            raise
-        return cls(
-            cfg, model, config.num_hidden_layers, P2PTransport(node.p2p), DHTDiscovery(node.dht), bridge,
-            on_shutdown=node.shutdown,
-        )  # fmt: skip
+        """Join the swarm serving ``model_ref`` (whose model ``config`` gives the config hash)."""
+        return cls(*_swarm_parts(model_ref, config, initial_peers, dht_prefix, options))
 
     # --- swarm state -------------------------------------------------------------------------------
 
@@ -127,6 +135,7 @@ class RemoteSequenceManager(RemoteChain):
                     usable[peer] = span
             self.spans = usable
             self._updated_at = now
+            self.ready.set()
 
     async def refresh_forever(self) -> None:
         """Keep the swarm view fresh in the background, so that routing never waits on the DHT."""
@@ -309,10 +318,64 @@ class RemoteSequenceManager(RemoteChain):
         """The served adapter a request started now uses (see :mod:`corolla.client.active_adapter`)."""
         return adapter or current_adapter(self.config.active_adapter)
 
+    # --- Petals' names --------------------------------------------------------------------------------
+
+    def make_sequence(
+        self, start_index: int = 0, end_index: int | None = None, *, mode: RouteMode,
+        cache_tokens_needed: int | None = None,
+    ) -> list[Hop]:  # fmt: skip
+        """Petals' name for planning a route over blocks [start_index, end_index): the hops (peer_id, start,
+        end) that `make_route` gives, for ``mode`` "min_latency" or "max_throughput"."""
+        if mode not in ("min_latency", "max_throughput"):
+            raise ValueError(f"mode must be 'min_latency' or 'max_throughput', got {mode!r}")
+        end = self.num_blocks if end_index is None else end_index
+        return self.bridge.run(
+            self.make_route(start_index, end, mode=mode, min_free_cache=cache_tokens_needed or 0)
+        )
+
+    def is_alive(self) -> bool:
+        """Whether the background refresher runs (until `shutdown`)."""
+        return not self._refresher.done()
+
+    @property
+    def _thread(self) -> RemoteSequenceManager:
+        """Petals' refresher thread, which scripts read `ready` and `is_alive()` of: here the manager itself."""
+        return self
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
     def shutdown(self) -> None:
+        """Leave the swarm (stop the refresher, the DHT node, the daemon and the network thread); idempotent."""
+        if getattr(self, "_shut_down", True):  # already shut down, or never fully built
+            return
+        self._shut_down = True
         self._refresher.cancel()
         try:
             if self._on_shutdown is not None:
                 self.bridge.run(self._on_shutdown(), timeout=10)
         finally:
             self.bridge.shutdown()
+
+
+def _swarm_parts(model_ref: str, config: Any, initial_peers, dht_prefix: str | None, options: dict) -> tuple:
+    """A client's network (a libp2p daemon and a DHT node on a new network thread) and what the manager of
+    ``model_ref`` needs: (ClientConfig, ModelRef, number of blocks, transport, discovery, bridge, on_shutdown)."""
+    from corolla.models.checkpoint import config_hash, default_dht_prefix
+
+    cfg = ClientConfig(initial_peers=tuple(initial_peers or ()), dht_prefix=dht_prefix, **options)
+    # the model's identity, without the client settings a config may carry (AutoDistributedConfig)
+    served = {k: v for k, v in config.to_dict().items() if k not in CLIENT_CONFIG_KEYS}
+    model = ModelRef(dht_prefix or default_dht_prefix(model_ref), config_hash(served))
+    network = NetworkConfig(
+        initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs, client_mode=True, nat_port_map=False
+    )
+    bridge = LoopThread()
+    try:
+        node = bridge.run(SwarmNode.start(network))
+    except BaseException:
+        bridge.shutdown()
+        raise
+    return (
+        cfg, model, config.num_hidden_layers, P2PTransport(node.p2p), DHTDiscovery(node.dht), bridge, node.shutdown
+    )  # fmt: skip
