@@ -322,13 +322,13 @@ def run_on_peer_loop(coro):
 def probe_server(argv: list[str]) -> None:
     import json
 
-    import corolla.server.backend as backend_module
+    import corolla.server.compute as compute_module
     import corolla.server.handlers as handlers_module
     from corolla.cli.run_server import main as run_server
 
     records: dict[str, list[float]] = {k: [] for k in ("read_done", "begin", "end", "write_begin", "write_end")}
     read, write = handlers_module.read_message, handlers_module.write_message
-    run = backend_module.BlockBackend._step
+    run = compute_module.step_sessions
     clock = time.perf_counter
 
     async def read_message(*args, **kwargs):
@@ -341,9 +341,9 @@ def probe_server(argv: list[str]) -> None:
         await write(*args, **kwargs)
         records["write_end"].append(clock())
 
-    def _step(self, *args, **kwargs):  # on the compute thread
+    def step_sessions(*args, **kwargs):  # on the compute thread: one batch of steps
         records["begin"].append(clock())
-        out = run(self, *args, **kwargs)
+        out = run(*args, **kwargs)
         records["end"].append(clock())
         return out
 
@@ -354,7 +354,7 @@ def probe_server(argv: list[str]) -> None:
         os.replace(path + ".tmp", path)
 
     handlers_module.read_message, handlers_module.write_message = read_message, write_message
-    backend_module.BlockBackend._step = _step
+    compute_module.step_sessions = step_sessions
     signal.signal(signal.SIGUSR1, dump)
     run_server(argv)
 

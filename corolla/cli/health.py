@@ -55,7 +55,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "Show which blocks of each model the swarm serves and by whom. Coverage is one character per "
         "block: '.' no online server, '1'..'9' that many, '+' more than 9. Then one row per server: name, "
         "blocks [start:end), state, throughput (tokens/s), inference latency (ms per token per block), "
-        "free KV-cache tokens, software and wire versions, dtype, quantization, adapters, direct or "
+        "free KV-cache tokens, sessions per batched inference forward lately, software and wire versions, dtype, quantization, adapters, direct or "
         "relayed (and any record field added later). " + MODELS_HELP
     )
     add_model_flags(parser)

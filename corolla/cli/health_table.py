@@ -23,13 +23,13 @@ NO_SERVER = "."
 MANY = "+"  # more than 9 servers on one block
 
 COLUMNS = (
-    "server", "blocks", "state", "tok/s", "ms/blk", "free cache", "version", "wire", "dtype", "quant",
+    "server", "blocks", "state", "tok/s", "ms/blk", "free cache", "batch", "version", "wire", "dtype", "quant",
     "adapters", "conn",
 )  # fmt: skip
 # fields shown by the columns above, or left to --json on purpose
 SHOWN_FIELDS = {
     "state", "start", "end", "public_name", "throughput", "inference_latency", "free_cache_tokens",
-    "software_version", "wire_version", "torch_dtype", "quantization", "adapters", "relayed",
+    "software_version", "wire_version", "torch_dtype", "quantization", "adapters", "relayed", "batch_sessions",
 }  # fmt: skip
 JSON_ONLY_FIELDS = {"config_hash", "next_rtts", "inference_max_length", "max_batch_size"}
 
@@ -65,6 +65,7 @@ def _row(entry: ServerEntry) -> tuple[str, ...]:
         f"{info.throughput:.1f}",
         f"{info.inference_latency * 1000:.1f}",  # recorded in seconds per token per block
         str(info.free_cache_tokens),
+        f"{info.batch_sessions:.1f}",  # sessions per inference forward lately
         info.software_version or "?",
         str(info.wire_version),
         info.torch_dtype,

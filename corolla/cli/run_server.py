@@ -58,6 +58,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     flag(parser, "inference_max_length", type=int, default=8192,
          help="longest session (prompt + generated tokens) accepted")  # fmt: skip
     flag(parser, "max_batch_size", type=int, default=8192, help="largest batch accepted per request")
+    flag(parser, "batching", default="on", choices=["on", "off"],
+         help="on: run the waiting inference steps of concurrent sessions as one forward (continuous "
+              "batching); off: one step at a time")  # fmt: skip
+    flag(parser, "max_batch_tokens", type=int, default=256,
+         help="most tokens (rows x tokens) in one batched forward; longer prefills go in chunks, so one long "
+              "prompt never stalls the other sessions' next tokens")  # fmt: skip
     flag(parser, "request_timeout", type=float, default=180,
          help="seconds one forward or inference step may take before it fails")  # fmt: skip
     flag(parser, "session_timeout", type=float, default=300,
@@ -109,6 +115,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         public_name=args.public_name,
         inference_max_length=args.inference_max_length,
         max_batch_size=args.max_batch_size,
+        batching=args.batching == "on",
+        max_batch_tokens=args.max_batch_tokens,
         request_timeout=args.request_timeout,
         session_timeout=args.session_timeout,
         update_period=args.update_period,

@@ -294,6 +294,11 @@ def use_adapter(fused: FusedAdapter | None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_adapter() -> FusedAdapter | None:
+    """The adapter :func:`use_adapter` made active in this context (None = base model)."""
+    return _ACTIVE.get()
+
+
 class LoraLinear(nn.Module):
     """A linear layer (any module with in/out features) plus the active adapter's LoRA delta, if any."""
 

@@ -64,6 +64,8 @@ class BlockBackend:
                 f"step would fill cache positions up to {offset + tokens}, over the session's max_length "
                 f"{session.max_length}"
             )
+        if prompts is None:  # batched with other sessions' steps (see corolla.server.compute)
+            return await self.worker.submit_step(session, offset, hidden, positions, mask)
         return await self.worker.submit(
             PRIORITY_INFERENCE, self._step, session, offset, hidden, positions, mask, prompts
         )

@@ -1,72 +1,264 @@
-"""The one compute worker: a thread that runs every block computation of this server, by priority.
+"""The one compute worker: a thread that runs every block computation of this server, by priority, and
+batches the inference steps of concurrent sessions.
 
-All torch work happens on this thread, so concurrent sessions never race on a device and the event
-loop stays free to answer pings and read the next messages while a step computes (torch releases
-the GIL inside its kernels). Inference steps go before forward passes (lower number = sooner); equal
-priorities run in arrival order. Each job is a plain callable; its result or exception comes back to
-the submitting coroutine through its future. A job runs in a copy of the submitter's context
-(``contextvars``), so per-request choices set around ``submit`` (the LoRA adapter, see
-``corolla.models.lora.use_adapter``) apply to that job only.
+All torch work happens on this thread, so concurrent sessions never race on a device and the event loop
+stays free to answer pings and read the next messages while a step computes (torch releases the GIL
+inside its kernels). Each job runs in a copy of the submitter's context (``contextvars``), so per-request
+choices set around ``submit`` (the LoRA adapter, see ``corolla.models.lora.use_adapter``) apply to that
+job only; its result or exception comes back to the submitting coroutine through its future.
+
+**Continuous batching.** At batch 1 a decode step is bound by reading the weights, so running the waiting
+steps of many sessions as one forward costs little more than one of them. Inference steps submitted with
+:meth:`ComputeWorker.submit_step` wait in a FIFO; each time the worker is free it takes the oldest one
+and every other waiting step of the same group (same stack, same blocks, same adapter) and runs them
+as one forward (``corolla.models.session.step_sessions``: projections and MLPs over all rows at once,
+attention per session). A batch holds at most ``max_batch_tokens`` tokens (rows x tokens): short steps go
+first, and a long prefill takes what is left, in chunks, over several batches, so a long prompt never
+stalls everyone's next token. Sessions join or leave between any two batches. A step that fails inside a
+batch is re-run alone, so only its own session sees the error. With batching off, steps run one at a
+time, whole, in arrival order (the behaviour before batching).
+
+Priorities: inference (steps, and other inference jobs such as deep-prompt steps) before forward and
+backward passes (lower number = sooner); equal priorities run in arrival order, so no session starves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
+import heapq
 import itertools
 import logging
-import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from corolla.models.lora import active_adapter
+from corolla.models.session import KVSession, SessionStep, step_sessions
 
 logger = logging.getLogger(__name__)
 
 PRIORITY_INFERENCE = 0
 PRIORITY_FORWARD = 10
+#: default token budget of one batch (rows x tokens): bounds how long a batch keeps the others waiting
+DEFAULT_MAX_BATCH_TOKENS = 256
+
+
+@dataclass(eq=False)
+class _StepJob:
+    """A session's step waiting for (or part-way through) the batches that compute it."""
+
+    seq: int
+    context: contextvars.Context
+    group: Hashable
+    session: KVSession
+    offset: int
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def tokens(self) -> int:  # still to compute
+        return self.hidden.shape[1]
+
+
+@dataclass
+class BatchStats:
+    """What the worker has batched since the last :meth:`ComputeWorker.take_stats` (for announcements)."""
+
+    batches: int = 0
+    steps: int = 0
+
+    @property
+    def mean_sessions(self) -> float:
+        return self.steps / self.batches if self.batches else 0.0
 
 
 class ComputeWorker:
-    def __init__(self, name: str = "corolla-compute"):
-        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+    def __init__(
+        self,
+        name: str = "corolla-compute",
+        batching: bool = True,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    ):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.batching, self.max_batch_tokens = batching, max_batch_tokens
+        self._cond = threading.Condition()
+        self._jobs: list[tuple] = []  # heap of (priority, seq, fn, args, loop, future)
+        self._steps: collections.deque[_StepJob] = collections.deque()
         self._seq = itertools.count()
+        self._stopping = False
+        self._stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def queued_steps(self) -> int:
+        return len(self._steps)
+
+    def take_stats(self) -> BatchStats:
+        """The batching statistics since the last call (and start counting anew)."""
+        with self._cond:
+            stats, self._stats = self._stats, BatchStats()
+        return stats
+
     async def submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the compute thread, alone."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         context = contextvars.copy_context()
-        self._jobs.put((priority, next(self._seq), context.run, (fn, *args), loop, future))
+        with self._cond:
+            heapq.heappush(self._jobs, (priority, next(self._seq), context.run, (fn, *args), loop, future))
+            self._cond.notify()
         return await future
 
+    async def submit_step(
+        self, session: KVSession, offset: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One inference step of ``session`` (checked by the caller), batched with other sessions' steps;
+        returns its output [B, T, H] on the CPU. Cancelling it drops the step from the queue at once."""
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        group = (id(session.stack), session.start, session.end, id(context.run(active_adapter)))
+        job = _StepJob(
+            next(self._seq), context, group, session, offset, hidden, positions, mask, loop, loop.create_future()
+        )
+        with self._cond:
+            self._steps.append(job)
+            self._cond.notify()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            with self._cond:
+                if job in self._steps:
+                    self._steps.remove(job)  # its session's cache is not held by the queue any longer
+            raise
+
     def shutdown(self) -> None:
-        self._jobs.put((float("inf"), next(self._seq), None, (), None, None))
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
         self._thread.join(timeout=30)
+
+    # -- on the compute thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            _, _, fn, args, loop, future = self._jobs.get()
-            if fn is None:
+            with self._cond:
+                while not (self._stopping or self._jobs or self._steps):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch = job = None
+                if self._steps and (
+                    not self._jobs or self._jobs[0][:2] > (PRIORITY_INFERENCE, self._steps[0].seq)
+                ):
+                    batch = self._take_batch()
+                else:
+                    job = heapq.heappop(self._jobs)
+            if batch:
+                self._run_batch(batch)
+            elif job is not None:
+                self._run_job(job)
+
+    def _run_job(self, job: tuple) -> None:
+        _, _, fn, args, loop, future = job
+        if future.cancelled():
+            return
+        try:
+            with torch.inference_mode():
+                result = fn(*args)
+        except BaseException as e:  # delivered to the caller, who decides
+            _deliver(loop, future, exception=e)
+        else:
+            _deliver(loop, future, result=result)
+
+    def _take_batch(self) -> list[tuple[_StepJob, int]]:
+        """(job, tokens to compute now) for the next batch; jobs computed whole leave the queue (called with
+        the lock held)."""
+        while self._steps and self._steps[0].future.done():  # cancelled while waiting
+            self._steps.popleft()
+        if not self._steps:
+            return []
+        if not self.batching:
+            job = self._steps.popleft()
+            return [(job, job.tokens)]
+        group = self._steps[0].group
+        members = sorted(
+            (job for job in self._steps if job.group == group and not job.future.done()), key=lambda j: j.tokens
+        )  # short steps first (stable: in arrival order among equals); a long prefill takes what is left
+        budget, batch = self.max_batch_tokens, []
+        for job in members:
+            tokens = min(job.tokens, budget // job.rows)
+            if tokens == 0 and not batch:
+                tokens = 1  # a session wider than the budget still advances, a token at a time
+            if tokens == 0:
+                break
+            batch.append((job, tokens))
+            budget -= tokens * job.rows
+        for job, tokens in batch:
+            if tokens == job.tokens:
+                self._steps.remove(job)
+        self._stats.batches += 1
+        self._stats.steps += len(batch)
+        return batch
+
+    def _run_batch(self, batch: list[tuple[_StepJob, int]]) -> None:
+        steps = [
+            SessionStep(job.session, job.offset, job.hidden[:, :n], job.positions[:, :n], job.mask[:, :n])
+            for job, n in batch
+        ]
+        try:
+            with torch.inference_mode():
+                outs = batch[0][0].context.run(step_sessions, steps)
+        except Exception as e:
+            if len(batch) == 1:
+                self._fail(batch[0][0], e)
                 return
-            if future.cancelled():
-                continue
-            try:
-                with torch.inference_mode():
-                    result = fn(*args)
-            except BaseException as e:  # delivered to the caller, who decides
-                loop.call_soon_threadsafe(_set_exception, future, e)
-            else:
-                loop.call_soon_threadsafe(_set_result, future, result)
+            logger.warning("A batch of %d steps failed (%r); running them one by one", len(batch), e)
+            for member in batch:
+                self._run_batch([member])
+            return
+        for (job, n), out in zip(batch, outs, strict=True):
+            job.outputs.append(out)
+            if n == job.tokens:
+                result = job.outputs[0] if len(job.outputs) == 1 else torch.cat(job.outputs, dim=1)
+                _deliver(job.loop, job.future, result=result.cpu())
+            else:  # the rest of a chunked prefill waits for the next batch
+                job.offset += n
+                job.hidden, job.positions, job.mask = job.hidden[:, n:], job.positions[:, n:], job.mask[:, n:]
+
+    def _fail(self, job: _StepJob, error: BaseException) -> None:
+        with self._cond:
+            if job in self._steps:
+                self._steps.remove(job)
+        _deliver(job.loop, job.future, exception=error)
 
 
-def _set_result(future: asyncio.Future, result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
+def _deliver(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future, *, result: Any = None, exception=None
+) -> None:
+    def settle() -> None:
+        if future.done():
+            return
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
 
-
-def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the submitter's loop is closed: nobody waits for this result
+        pass

@@ -35,6 +35,10 @@ class ServerConfig:
     public_name: str = ""
     inference_max_length: int = 8192
     max_batch_size: int = 8192
+    #: Continuous batching: run the waiting inference steps of concurrent sessions as one forward, at most
+    #: ``max_batch_tokens`` tokens (rows x tokens) per forward; off = one step at a time, as before.
+    batching: bool = True
+    max_batch_tokens: int = 256
     #: Longest a forward or one inference step may wait and compute, in seconds.
     request_timeout: float = 180.0
     #: An inference session with no step for this long is closed and its cache freed.
@@ -67,7 +71,7 @@ class ServerConfig:
             raise ValueError(f"block_indices must be START:END with 0 <= START < END, got {self.block_indices}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        for name in ("inference_max_length", "max_batch_size", "max_message_bytes"):
+        for name in ("inference_max_length", "max_batch_size", "max_message_bytes", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.balance_quality <= 1:

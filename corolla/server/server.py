@@ -64,6 +64,10 @@ class Server:
         self.compute: ComputeThroughput | None = None
         self.network_throughput: float | None = None
         self.next_rtts: tuple[tuple[str, float], ...] = ()
+        self.worker: ComputeWorker | None = None
+        #: one-token steps of 16 sessions batched vs one at a time: tokens/s ratio measured at start (1 = off)
+        self.batch_speedup = 1.0
+        self.batch_sessions = 0.0  # sessions per batch since the last announcement
         self.adapter_names = tuple(sorted(parse_adapter_spec(spec)[0] for spec in config.adapters))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -116,13 +120,15 @@ class Server:
         cfg = self.config
         self.info = self._make_info(ServerState.JOINING, start, end)
         await self._announce()
-        worker = ComputeWorker()
+        worker = self.worker = ComputeWorker(batching=cfg.batching, max_batch_tokens=cfg.max_batch_tokens)
         try:
             stack = await self._load(start, end, self.dtype)
             adapters = await self._load_adapters(stack)
             backend = BlockBackend(stack, worker)
             memory = MemoryCache(cfg.cache.attn_cache_tokens * (end - start), cfg.cache.max_alloc_timeout)
             latency = await self._measure_latency(backend)
+            if cfg.batching:
+                self.batch_speedup = await self._measure_batching(backend, latency)
             self.info = self._make_info(ServerState.ONLINE, start, end, latency)
             self.handler = RequestHandler(
                 backend, memory, self.model_ref, lambda: self._current_info(memory),
@@ -174,6 +180,22 @@ class Server:
         logger.info("Measured %.2f ms per token per block for inference", latency * 1000)
         return latency
 
+    async def _measure_batching(self, backend: BlockBackend, latency: float, sessions: int = 16) -> float:
+        """How many times more tokens/s one-token steps of ``sessions`` concurrent sessions get batched than
+        one at a time (``latency`` x blocks each); at least 1."""
+        stack = backend.stack
+        kvs = [backend.open_session(stack.start, stack.end, 1, 4) for _ in range(sessions)]
+        hidden = torch.zeros(1, 1, backend.hidden_size)
+        mask = torch.ones(1, 1, dtype=torch.bool)
+        times = []
+        for i in range(3):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(backend.inference_step(kv, i, hidden, torch.tensor([[i]]), mask) for kv in kvs))
+            times.append(time.perf_counter() - t0)
+        speedup = max(1.0, sessions * latency * (stack.end - stack.start) / min(times))
+        logger.info("Measured %.1fx the tokens/s with %d sessions batched", speedup, sessions)
+        return speedup
+
     async def _load_adapters(self, stack: BlockStack) -> AdapterStore:
         """The served adapters (checked against the model; a bad one stops the server) and client uploads."""
         cfg = self.config
@@ -198,7 +220,7 @@ class Server:
         cfg = self.config
         compute = self.compute
         if latency > 0:  # the real blocks' measurement beats the random block's
-            compute = ComputeThroughput(inference=1.0 / latency, forward=compute.forward)
+            compute = ComputeThroughput(inference=self.batch_speedup / latency, forward=compute.forward)
         return ServerInfo(
             state=state, start=start, end=end, public_name=cfg.public_name,
             throughput=announced_throughput(compute, self.network_throughput),
@@ -214,8 +236,9 @@ class Server:
         assert self.info is not None
         blocks = self.info.end - self.info.start
         return dataclasses.replace(
-            self.info, free_cache_tokens=memory.free // max(blocks, 1), next_rtts=self.next_rtts
-        )
+            self.info, free_cache_tokens=memory.free // max(blocks, 1), next_rtts=self.next_rtts,
+            batch_sessions=self.batch_sessions,
+        )  # fmt: skip
 
     async def _announce(self, info: ServerInfo | None = None) -> None:
         info = info or self.info
@@ -289,6 +312,8 @@ class Server:
                     await self._measure_next_rtts()
                 except Exception as e:
                     logger.debug("Measuring RTTs to the next servers failed: %r", e)
+                if self.worker is not None:
+                    self.batch_sessions = self.worker.take_stats().mean_sessions
                 self.info = self._current_info(memory)
                 await self._announce()
             if rebalance and time.monotonic() >= next_check:

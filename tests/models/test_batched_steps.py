@@ -102,6 +102,8 @@ def test_a_batch_refuses_mixed_blocks_and_repeated_sessions(tmp_path):
     hidden, positions, mask = _sequence(stack, 1, 2, 0, 0)
     whole, part = KVSession(stack, 0, blocks, 1, 4), KVSession(stack, 0, 1, 1, 4)
     with pytest.raises(ValueError, match="same blocks"):
-        step_sessions([SessionStep(whole, 0, hidden, positions, mask), SessionStep(part, 0, hidden, positions, mask)])
+        step_sessions(
+            [SessionStep(whole, 0, hidden, positions, mask), SessionStep(part, 0, hidden, positions, mask)]
+        )
     with pytest.raises(ValueError, match="one step per session"):
         step_sessions([SessionStep(whole, 0, hidden, positions, mask)] * 2)

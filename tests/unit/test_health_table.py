@@ -59,12 +59,13 @@ def test_gaps_counts_and_rows():
     assert lines[3].endswith("1 server:  0-1, 4-5")
     alpha = next(line for line in lines if line.strip().startswith("alpha")).split()
     assert alpha[: len(COLUMNS)] == [
-        "alpha", "[0:4)", "online", "123.5", "2.1", "8192", "0.1.0", str(WIRE_VERSION), "bfloat16", "nf4", "lora-a,lora-b",
+        "alpha", "[0:4)", "online", "123.5", "2.1", "8192", "0.0", "0.1.0", str(WIRE_VERSION), "bfloat16", "nf4",
+        "lora-a,lora-b",
         "direct",
     ]  # fmt: skip
     beta = next(line for line in lines if line.strip().startswith("beta")).split()
-    assert beta[1] == "[2:6)" and beta[6] == "?"  # no software version announced
-    assert beta[10:12] == ["-", "relayed"]  # no adapters
+    assert beta[1] == "[2:6)" and beta[7] == "?"  # no software version announced
+    assert beta[11:13] == ["-", "relayed"]  # no adapters
 
 
 def test_bottleneck_is_the_weakest_block():
