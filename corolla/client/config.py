@@ -58,3 +58,39 @@ class ClientConfig:
         if self.allowed_servers is not None:
             object.__setattr__(self, "allowed_servers", frozenset(map(str, self.allowed_servers)))
         object.__setattr__(self, "blocked_servers", frozenset(map(str, self.blocked_servers)))
+
+
+#: Petals' client options that corolla has under another name (Petals name -> ClientConfig field)
+PETALS_RENAMED = {"use_server_to_server": "push"}
+#: Petals' client options with no equivalent here, and why; refused by name rather than ignored
+PETALS_UNSUPPORTED = {
+    "daemon_startup_timeout": "corolla's client starts its libp2p daemon with hivemind's default timeout",
+    "connect_timeout": "corolla bounds a connection by ping_timeout and request_timeout",
+    "max_pinged": "corolla pings every server it may route through, once, and keeps the round-trip times",
+}
+
+
+def client_config(**options) -> ClientConfig:
+    """A `ClientConfig` from keyword options, also under Petals' names (`PETALS_RENAMED`; `show_route=
+    "inference"` means True: corolla logs every route it plans). Unknown options, and Petals' options
+    corolla does not have (`PETALS_UNSUPPORTED`), raise a TypeError that names them."""
+    import dataclasses
+
+    for petals_name, name in PETALS_RENAMED.items():
+        if petals_name in options:
+            if name in options:
+                raise TypeError(f"pass {name}= or Petals' {petals_name}=, not both")
+            options[name] = options.pop(petals_name)
+    if options.get("show_route") == "inference":
+        options["show_route"] = True
+    unsupported = sorted(set(options) & set(PETALS_UNSUPPORTED))
+    if unsupported:
+        raise TypeError(
+            "Petals client options corolla does not have: "
+            + "; ".join(f"{name} ({PETALS_UNSUPPORTED[name]})" for name in unsupported)
+        )
+    known = {f.name for f in dataclasses.fields(ClientConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown client options: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return ClientConfig(**options)

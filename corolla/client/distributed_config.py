@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from corolla.client.config import ClientConfig
+from corolla.client.config import ClientConfig, client_config
 from corolla.models.checkpoint import Checkpoint, default_dht_prefix
 
 __all__ = ["AutoDistributedConfig", "client_options_of", "petals_manager_args"]
@@ -26,13 +26,9 @@ class AutoDistributedConfig:
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, *, revision=None, token=None, **client_options):
-        fields = {f.name: f for f in dataclasses.fields(ClientConfig)}
-        unknown = sorted(set(client_options) - set(fields))
-        if unknown:
-            raise TypeError(f"unknown client options: {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        settings = dataclasses.asdict(client_config(**client_options))  # unknown options refused by name
         ref = str(model_name_or_path)
         config = Checkpoint(ref, revision=revision, token=token).config
-        settings = dataclasses.asdict(ClientConfig(**client_options))
         if settings["dht_prefix"] is None:
             settings["dht_prefix"] = default_dht_prefix(ref)
         for name, value in settings.items():  # lists, not tuples or sets: the config stays JSON-serializable

@@ -56,8 +56,9 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("Falcon", "FalconConfig"),
 )
 
-# from_pretrained options of transformers that mean nothing for a client holding only the head
-_IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "device_map", "trust_remote_code", "use_safetensors")
+# from_pretrained options of transformers that change nothing for a client holding only the head (it always
+# loads only its own tensors, from safetensors, with corolla's own model code)
+_IGNORED_HF_OPTIONS = ("low_cpu_mem_usage", "trust_remote_code", "use_safetensors")
 
 
 class RemoteDecoderModel(nn.Module):
@@ -173,6 +174,11 @@ class DistributedPreTrainedModel(PreTrainedModel):
         """
         for name in _IGNORED_HF_OPTIONS:
             options.pop(name, None)
+        device_map = options.pop("device_map", None)
+        if device_map not in (None, "cpu") and str(device_map) != "cpu":
+            raise ValueError(
+                f"device_map={device_map!r} is not supported: load on the CPU, then call model.to(device)"
+            )
         token = options.pop("use_auth_token", token)
         config_overrides = cls._config_overrides(options)
         ref = str(model_name_or_path)

@@ -126,6 +126,18 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             self._active_sessions.pop(threading.get_ident(), None)
 
     @contextmanager
+    def use_session(self, session: GenerationSession | None):
+        """Petals' context manager: ``session`` is the active one inside the block (None: nothing changes)."""
+        if session is None:
+            yield self.active_session
+            return
+        self.activate_session(session)
+        try:
+            yield session
+        finally:
+            self.deactivate_session(session)
+
+    @contextmanager
     def _using_session(self, session: GenerationSession, full_history: bool | None):
         self.activate_session(session)
         previous, session.full_history = session.full_history, full_history
@@ -149,6 +161,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for every given position, or, in an active session, for the tokens it had not seen."""
+        _check_forward_options(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         session = self.active_session
@@ -198,6 +211,9 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         return self._generate(inputs, *args, session=session, **kwargs)
 
     def _generate(self, inputs, *args, session: GenerationSession | None, **kwargs):
+        for name in ("past_key_values", "cache"):
+            if kwargs.get(name) is not None:
+                raise NotImplementedError(f"{name}: the caches live on the servers; pass session= instead")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         config = kwargs.get("generation_config") or self.generation_config
         if (kwargs.get("num_beams") or config.num_beams or 1) > 1:
@@ -306,6 +322,30 @@ def _speculating(kwargs: dict, config: GenerationConfig) -> bool:
         or kwargs.get("prompt_lookup_num_tokens") is not None
         or given.prompt_lookup_num_tokens is not None
     )
+
+
+#: forward options that generate passes and a remote model has nothing to do with (the caches live on the servers)
+_CACHE_OPTIONS = ("use_cache", "cache_position")
+
+
+def _check_forward_options(kwargs: dict) -> None:
+    """Refuse by name what `forward` cannot honour instead of ignoring it: a local cache holding a past (an
+    empty one, which generate makes for `inputs_embeds`, is harmless), per-layer outputs, unknown options."""
+    for name in ("past_key_values", "cache"):
+        cache = kwargs.get(name)
+        if cache is not None and (not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0):
+            raise NotImplementedError(
+                f"{name}: the caches live on the servers; use model.inference_session() instead"
+            )
+    for name in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(name):
+            raise NotImplementedError(
+                f"{name}=True: the blocks run on the servers, which return only the last layer"
+            )
+    unknown = sorted(set(kwargs) - {"past_key_values", "cache", "output_attentions", "output_hidden_states"}
+                     - set(_CACHE_OPTIONS))  # fmt: skip
+    if unknown:
+        raise TypeError(f"unexpected forward options: {', '.join(unknown)}")
 
 
 def _tied_lm_head(embed_tokens: nn.Embedding) -> nn.Linear:

@@ -29,7 +29,7 @@ import torch
 
 from corolla.client.active_adapter import current_adapter
 from corolla.client.chain import NO_EXTRAS, ChainExtras, RemoteChain, RouteHop
-from corolla.client.config import ClientConfig
+from corolla.client.config import ClientConfig, client_config
 from corolla.client.failure_policy import FailurePolicy
 from corolla.client.routing import Hop, format_route, plan_max_throughput, plan_min_latency, uncovered_blocks
 from corolla.swarm.bridge import LoopThread
@@ -363,7 +363,7 @@ def _swarm_parts(model_ref: str, config: Any, initial_peers, dht_prefix: str | N
     ``model_ref`` needs: (ClientConfig, ModelRef, number of blocks, transport, discovery, bridge, on_shutdown)."""
     from corolla.models.checkpoint import config_hash, default_dht_prefix
 
-    cfg = ClientConfig(initial_peers=tuple(initial_peers or ()), dht_prefix=dht_prefix, **options)
+    cfg = client_config(initial_peers=tuple(initial_peers or ()), dht_prefix=dht_prefix, **options)
     # the model's identity, without the client settings a config may carry (AutoDistributedConfig)
     served = {k: v for k, v in config.to_dict().items() if k not in CLIENT_CONFIG_KEYS}
     model = ModelRef(dht_prefix or default_dht_prefix(model_ref), config_hash(served))
