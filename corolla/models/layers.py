@@ -269,6 +269,16 @@ class SegmentedInputs:
     concatenated in this order, each segment with its own positions, masks, cache and offset."""
 
     segments: list[AttentionInputs]
+    cos: torch.Tensor | None  # [rows, 1, head_dim]: the segments' tables concatenated (None without rotary)
+    sin: torch.Tensor | None
+
+    @classmethod
+    def of(cls, segments: list[AttentionInputs]) -> SegmentedInputs:
+        if segments[0].cos is None:
+            return cls(segments, None, None)
+        d = segments[0].cos.shape[-1]
+        cos = torch.cat([s.cos.reshape(-1, 1, d) for s in segments])
+        return cls(segments, cos, torch.cat([s.sin.reshape(-1, 1, d) for s in segments]))
 
 
 def attention_masks(
@@ -347,31 +357,35 @@ class Attention(nn.Module):
         """x [B * T, hidden] -> [B * T, hidden]. With :class:`SegmentedInputs` (a batch of independent
         sequences), ``cache`` is a list with one cache (or None) per segment: the projections run once over
         every row, the attention once per segment."""
-        qkv = self.qkv(x)
-        if isinstance(inputs, SegmentedInputs):
-            outs, row = [], 0
-            for segment, segment_cache in zip(inputs.segments, cache, strict=True):
-                rows = segment.batch * segment.length
-                outs.append(self._attend(qkv[row : row + rows], segment, segment_cache))
-                row += rows
-            return self.o(torch.cat(outs))
-        return self.o(self._attend(qkv, inputs, cache))
-
-    def _attend(self, qkv: torch.Tensor, inputs: AttentionInputs, cache) -> torch.Tensor:
-        """Projected rows [B * T, (heads + 2 kv heads) * d] -> attention output [B * T, heads * d]."""
-        batch, length = inputs.batch, inputs.length
-        n_q, n_kv, n_rep = self.num_heads, self.num_kv_heads, self.n_rep
-        qkv = qkv.view(batch, length, n_q + 2 * n_kv, self.head_dim)
-        qk = qkv[:, :, : n_q + n_kv]
+        n_q, n_kv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv(x).view(x.shape[0], n_q + 2 * n_kv, self.head_dim)
+        qk = qkv[:, : n_q + n_kv]  # [rows, heads + kv heads, d]: normed and rotated for all rows at once
         if self.q_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, :, :n_q]), self.k_norm(qk[:, :, n_q:])), dim=2)
+            qk = torch.cat((self.q_norm(qk[:, :n_q]), self.k_norm(qk[:, n_q:])), dim=1)
+        if not isinstance(inputs, SegmentedInputs):
+            if inputs.cos is not None:
+                qk = apply_rotary(qk, inputs.cos.flatten(0, 1), inputs.sin.flatten(0, 1))
+            return self.o(self._attend(qk, qkv[:, n_q + n_kv :], inputs, cache))
         if inputs.cos is not None:
             qk = apply_rotary(qk, inputs.cos, inputs.sin)
+        outs, row = [], 0
+        for segment, segment_cache in zip(inputs.segments, cache, strict=True):
+            rows = slice(row, row + segment.batch * segment.length)
+            outs.append(self._attend(qk[rows], qkv[rows, n_q + n_kv :], segment, segment_cache))
+            row = rows.stop
+        return self.o(torch.cat(outs))
+
+    def _attend(self, qk: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, cache) -> torch.Tensor:
+        """Rows [B * T, heads + kv heads, d] of rotated queries and keys and [B * T, kv heads, d] of values
+        -> attention output [B * T, heads * d]."""
+        batch, length = inputs.batch, inputs.length
+        n_q, n_kv, n_rep = self.num_heads, self.num_kv_heads, self.n_rep
+        qk = qk.view(batch, length, n_q + n_kv, self.head_dim)
         # [B, T, n_kv, n_rep, d] -> [B, n_kv, n_rep * T, d]: row r * T + t is head (kv * n_rep + r), token t
         q = qk[:, :, :n_q].view(batch, length, n_kv, n_rep, self.head_dim).permute(0, 2, 3, 1, 4)
         q = q.reshape(batch, n_kv, n_rep * length, self.head_dim)
         k = qk[:, :, n_q:].transpose(1, 2)
-        v = qkv[:, :, n_q + n_kv :].transpose(1, 2)
+        v = v.view(batch, length, n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             end = inputs.offset + length
             cache.k[:, :, inputs.offset : end] = k

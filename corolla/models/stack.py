@@ -179,7 +179,7 @@ class BlockStack(nn.Module):
         rows of all segments share each projection and MLP, attention runs per segment. Returns each
         segment's output, as :meth:`forward` would (up to matmul rounding)."""
         first, last = self._block_range(blocks)
-        inputs = SegmentedInputs([self._attention_inputs(*segment, (first, last)) for segment in segments])
+        inputs = SegmentedInputs.of([self._attention_inputs(*segment, (first, last)) for segment in segments])
         rows = torch.cat([segment.hidden.reshape(-1, segment.hidden.shape[-1]) for segment in segments])
         for i, layer in enumerate(self.layers[first - self.start : last - self.start]):
             rows = layer(rows, inputs, [None if s.caches is None else s.caches[i] for s in segments])
