@@ -48,9 +48,18 @@ class FakeSwarm:
         )  # fmt: skip
 
     def add_server(
-        self, peer: str, start: int, end: int, latency: float = 0.01, inference_max_length: int = 512, **info
+        self,
+        peer: str,
+        start: int,
+        end: int,
+        latency: float = 0.01,
+        inference_max_length: int = 512,
+        cache_tokens: int = 4096,
+        alloc_timeout: float = 5.0,
+        **info,
     ) -> None:
-        """A server hosting blocks [start, end), announcing ``latency`` seconds per token per block."""
+        """A server hosting blocks [start, end), announcing ``latency`` seconds per token per block, with a KV
+        budget of ``cache_tokens`` per block (a session waits ``alloc_timeout`` s for room)."""
         if (start, end) not in self.stacks:
             self.stacks[start, end] = BlockStack.load(
                 self.checkpoint, start, end, dtype=torch.float32, progress=False
@@ -60,12 +69,12 @@ class FakeSwarm:
         backend = BlockBackend(self.stacks[start, end], worker)
         record = ServerInfo(
             ServerState.ONLINE, start, end, public_name=peer, throughput=100.0, inference_latency=latency,
-            free_cache_tokens=4096, inference_max_length=inference_max_length, max_batch_size=8,
+            free_cache_tokens=cache_tokens, inference_max_length=inference_max_length, max_batch_size=8,
             config_hash=self.model.config_hash,
         )  # fmt: skip
         record = dataclasses.replace(record, **info)
         handler = RequestHandler(
-            backend, MemoryCache(4096 * (end - start), 5.0), self.model, lambda: record,
+            backend, MemoryCache(cache_tokens * (end - start), alloc_timeout), self.model, lambda: record,
             inference_max_length=inference_max_length, max_batch_size=8, request_timeout=30.0, session_timeout=30.0,
             max_message_bytes=64 * 2**20, transport=self.network.transport(caller=peer),
         )  # fmt: skip
