@@ -58,6 +58,9 @@ class LoraSite:
     start: int  # output slice [start, stop) of `module`
     stop: int
     in_features: int
+    #: row i of our slice is row ``row_order[i]`` of the HF weight (fused q/k/v that the family's
+    #: ``transform_state`` reorders: BLOOM, Falcon); None = same order
+    row_order: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def short_name(self) -> str:
@@ -71,21 +74,37 @@ class LoraSite:
 def lora_sites(family: ModelFamily, spec: BlockSpec) -> dict[str, LoraSite]:
     """Every 2-D HF weight of a block, by HF module name, from the family's weight map.
 
-    Families whose ``transform_state`` reorders rows of a fused q/k/v tensor (BLOOM, Falcon) offer no
-    site on it: its LoRA ``B`` rows would need the same reordering, which is not implemented.
+    Where the family's ``transform_state`` reorders the rows of a fused q/k/v tensor at load (BLOOM's and
+    Falcon's ``query_key_value``, PEFT's default target for them), the site carries that row order, and a
+    LoRA ``B`` on it is reordered the same way (:func:`fuse_weights`).
     """
     sites = {}
     for ours, parts in family.weight_map(spec).items():
         if not ours.endswith(".weight") or any(len(shape) != 2 for _, shape in parts):
             continue
-        if family.transform_state is not None and ours == "attn.qkv.weight":
-            continue
+        order = _qkv_row_order(family, spec) if ours == "attn.qkv.weight" else None
         offset = 0
         for hf, shape in parts:
             name = hf.removesuffix(".weight")
-            sites[name] = LoraSite(name, ours.removesuffix(".weight"), offset, offset + shape[0], shape[1])
+            sites[name] = LoraSite(name, ours.removesuffix(".weight"), offset, offset + shape[0], shape[1], order)
             offset += shape[0]
     return sites
+
+
+def _qkv_row_order(family: ModelFamily, spec: BlockSpec) -> torch.Tensor | None:
+    """The permutation ``transform_state`` applies to the rows of a fused q/k/v weight (None if it keeps
+    them), read off by transforming a tensor whose rows hold their own indices."""
+    if family.transform_state is None:
+        return None
+    parts = family.weight_map(spec)["attn.qkv.weight"]
+    if len(parts) != 1:  # separate HF q/k/v tensors: concatenated in order, never reordered
+        return None
+    index = torch.arange(parts[0][1][0], dtype=torch.float64)
+    state = family.transform_state(
+        spec, {"attn.qkv.weight": index[:, None].clone(), "attn.qkv.bias": index.clone()}
+    )
+    order = state["attn.qkv.weight"][:, 0].long()
+    return None if torch.equal(order, torch.arange(len(order))) else order
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -278,6 +297,8 @@ def fuse_weights(weights, scale: float, family: ModelFamily, model_config) -> Fu
                 cols = []
                 for u in used:
                     b = pairs[u.hf_name][1]
+                    if u is s and s.row_order is not None:
+                        b = b[s.row_order.to(b.device)]
                     cols.append(b * scale if u is s else b.new_zeros(s.out_features, b.shape[1]))
                 rows.append(torch.cat(cols, dim=1) if len(cols) > 1 else cols[0])
             fused[(block, module)] = (a, torch.cat(rows) if len(rows) > 1 else rows[0])
