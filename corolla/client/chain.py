@@ -54,8 +54,15 @@ class ChainSession(ABC):
         """How many tokens the caches hold (the offset of the next step)."""
 
     @abstractmethod
-    def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run the T new tokens through all blocks at ``position``; returns [B, T, H]."""
+    def step(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hypo_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the T new tokens through all blocks at ``position``; returns [B, T, H]. ``hypo_ids`` [B]
+        (beam search): first, cached row ``i`` becomes row ``hypo_ids[i]``."""
 
     @abstractmethod
     def rewind(self, position: int) -> None:

@@ -20,6 +20,11 @@ drive it from transformers' `generate`:
   before it in its row and padding gets 0: the rule transformers' generate uses
   (`attention_mask.cumsum(-1) - 1`, padding filled with 0). Without padding this is `position + i`, the
   positions `LlamaModel.forward` gives a cached step, so hand-stepped and generated sessions agree.
+- **Beam search.** transformers' beam search keeps the best hypotheses by reordering (and duplicating) rows:
+  a full sequence whose rows' sent prefixes are rows of the history, in another order, is a reordering.
+  The step then carries `hypo_ids` (for each row, the history row it continues; rows with identical token
+  prefixes and masks have identical caches, so any of them serves), every server reorders its cache rows
+  before computing, and the history is reordered to match.
 - **Overflow** of `max_length` raises `SessionLengthError` before anything is sent.
 
 `next_positions` is pure and unit-tested through the model tests. A session is activated on its owner
@@ -56,6 +61,8 @@ class PreparedStep:
     mask: torch.Tensor  # [B, T] long, 1 = real token
     ids: torch.Tensor | None  # [B, T] when the new tokens' ids are known
     num_outputs: int  # logits are returned for the last `num_outputs` of the T tokens
+    #: [B] beam search: the cached row each row continues (the caches are reordered before the step)
+    hypo_ids: torch.Tensor | None = None
 
 
 class GenerationSession:
@@ -167,18 +174,36 @@ class GenerationSession:
         sent = self.position
         if input_ids is None or self.input_ids is None or given <= sent:
             return sent == 0
-        return bool(torch.equal(input_ids[:, :sent].cpu(), self.input_ids[:, :sent]))
+        if torch.equal(input_ids[:, :sent].cpu(), self.input_ids[:, :sent]):
+            return True
+        return self._continued_rows(input_ids, None) is not None
+
+    def _continued_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """For each row of ``input_ids``, a history row whose sent tokens (and mask) it starts with; None if
+        some row starts with none of them."""
+        sent = self.position
+        new_ids, old_ids = input_ids[:, :sent].cpu(), self.input_ids[:, :sent]
+        same = (new_ids[:, None, :] == old_ids[None, :, :]).all(-1)
+        if attention_mask is not None and self.attention_mask is not None:
+            new_mask, old_mask = attention_mask[:, :sent].cpu().long(), self.attention_mask[:, :sent].long()
+            same &= (new_mask[:, None, :] == old_mask[None, :, :]).all(-1)
+        if not bool(same.any(dim=1).all()):
+            return None
+        return same.long().argmax(dim=1)  # the first matching row
 
     def _full_step(self, embed, input_ids, inputs_embeds, attention_mask, position_ids, given) -> PreparedStep:
         sent, inputs = self.position, (input_ids if input_ids is not None else inputs_embeds)
         if given <= sent:
             raise ValueError(f"no new tokens: the session already holds {sent} tokens and got {given}")
+        hypo_ids = None
         if sent and input_ids is not None and self.input_ids is not None:
             if not torch.equal(input_ids[:, :sent].cpu(), self.input_ids[:, :sent]):
-                raise RuntimeError(
-                    "the sequence no longer starts with the tokens this session sent (beam search or a rewritten "
-                    "history?); corolla keeps the caches on the servers and cannot reorder them"
-                )
+                hypo_ids = self._continued_rows(input_ids, attention_mask)
+                if hypo_ids is None:
+                    raise RuntimeError(
+                        "the sequence no longer starts with the tokens this session sent (a rewritten history?); "
+                        "rewind the session (session.position = n) or open a new one"
+                    )
         if attention_mask is None:
             attention_mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
         mask = attention_mask[:, sent:].long()
@@ -188,7 +213,7 @@ class GenerationSession:
         else:
             positions = next_positions(attention_mask[:, :sent], mask)
         ids = None if input_ids is None else input_ids[:, sent:]
-        return PreparedStep(hidden, positions, mask, ids, given - sent)
+        return PreparedStep(hidden, positions, mask, ids, given - sent, hypo_ids)
 
     def _new_step(self, embed, input_ids, inputs_embeds, attention_mask, position_ids, given) -> PreparedStep:
         sent, inputs = self.position, (input_ids if input_ids is not None else inputs_embeds)
@@ -227,9 +252,14 @@ class GenerationSession:
                 f"Maximum length exceeded: the inference session's max_length={self.max_length}, it holds {sent} "
                 f"tokens and got {tokens} more; open it with a larger max_length"
             )
+        hypo = {} if prepared.hypo_ids is None else {"hypo_ids": prepared.hypo_ids}
         out = self.chain_session.step(
-            prepared.hidden.cpu(), prepared.positions.cpu().long(), prepared.mask.cpu().bool()
+            prepared.hidden.cpu(), prepared.positions.cpu().long(), prepared.mask.cpu().bool(), **hypo
         )
+        if prepared.hypo_ids is not None:  # the history follows the caches' new row order
+            if self.input_ids is not None:
+                self.input_ids = self.input_ids[prepared.hypo_ids]
+            self.attention_mask = self.attention_mask[prepared.hypo_ids]
         self._append(sent, prepared)
         return out.to(prepared.hidden.device)
 

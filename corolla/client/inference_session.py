@@ -114,7 +114,13 @@ class InferenceSession(ChainSession):
             hop.history = _cut(hop.history, position)
         self._position = position
 
-    def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def step(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hypo_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.closed:
             raise RuntimeError("this inference session is closed")
         if self._position + hidden.shape[1] > self.max_length:
@@ -124,20 +130,51 @@ class InferenceSession(ChainSession):
             )
         if self._batch_size is not None and hidden.shape[0] != self._batch_size:
             raise ValueError(f"this session's batch size is {self._batch_size}, got {hidden.shape[0]}")
+        hypo_ids = self._check_hypo_ids(hypo_ids, hidden.shape[0])
         return self.manager.bridge.run(
-            self._step(hidden, positions.to(torch.int64), attention_mask.to(torch.bool))
+            self._step(hidden, positions.to(torch.int64), attention_mask.to(torch.bool), hypo_ids)
         )
 
-    async def _step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _check_hypo_ids(self, hypo_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """Beam reordering for the next step (None when nothing is cached yet: nothing to reorder)."""
+        if hypo_ids is None or self._position == 0:
+            return None
+        hypo_ids = hypo_ids.cpu().long()
+        if tuple(hypo_ids.shape) != (batch,) or int(hypo_ids.min()) < 0 or int(hypo_ids.max()) >= batch:
+            raise ValueError(f"hypo_ids must be {batch} row indices in [0, {batch}), got {hypo_ids.tolist()}")
+        if self.prompts is not None and self._position < self.prompts.shape[2]:
+            raise ValueError("beam reordering inside the deep prompts' prefix is not supported")
+        return hypo_ids
+
+    async def _step(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        hypo_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One step through every hop. With ``hypo_ids`` each server reorders its cache rows first; the
+        client's own record of the inputs (what a failover replays) is reordered only once the step is done,
+        so a server that replaces a failed one mid-step is replayed in the old order and reorders like the
+        others."""
         if not self._hops:
             self._batch_size = hidden.shape[0]
             self._hops = await self._open_chain(self.start, self.end, None)
-        x, i, step_id = hidden, 0, next(self._step_ids)
+        x, i, step_id, inputs = hidden, 0, next(self._step_ids), []
         push = self._push_allowed(hidden.shape[1])
         while i < len(self._hops):
             pushed = push and i > 0 and self._hops[i].accepts_push
-            attempt = functools.partial(self._hop_attempt, i, x, positions, mask, step_id, push, pushed)
-            x, i = await self.manager.policy.retry(attempt, self.extras.recover), i + 1
+            attempt = functools.partial(self._hop_attempt, i, x, positions, mask, step_id, push, pushed, hypo_ids)
+            y = await self.manager.policy.retry(attempt, self.extras.recover)
+            inputs.append(x)
+            x, i = y, i + 1
+        if hypo_ids is not None:
+            self._positions = [p[hypo_ids] for p in self._positions]
+            self._masks = [m[hypo_ids] for m in self._masks]
+        for hop, hop_input in zip(self._hops, inputs, strict=True):
+            if hypo_ids is not None:
+                hop.history = [h[hypo_ids] for h in hop.history]
+            hop.history.append(hop_input)
         self._positions.append(positions)
         self._masks.append(mask)
         self._position += hidden.shape[1]
@@ -149,7 +186,9 @@ class InferenceSession(ChainSession):
             return False
         return self.prompts is None or prompt_overlap(self.prompts.shape[2], self._position, tokens) == 0
 
-    async def _hop_attempt(self, i: int, x, positions, mask, step_id: int, push: bool, pushed: bool):
+    async def _hop_attempt(
+        self, i: int, x, positions, mask, step_id: int, push: bool, pushed: bool, hypo_ids=None
+    ):
         """Hop ``i``'s part of this step; a hop that failed before is first replaced (its span re-planned
         and its input history replayed to the new servers), downstream hops are untouched. With ``push``
         the hop is told to push its output on; ``pushed``: its input should already be on its way from the
@@ -164,16 +203,16 @@ class InferenceSession(ChainSession):
             if not h.accepts_push:
                 break
             targets.append(PushTarget(h.hop.peer_id, h.session_id, h.push_token))
-        message = self._step_message(hop.hop, self._position, x, positions, mask, step_id, tuple(targets))
+        message = self._step_message(
+            hop.hop, self._position, x, positions, mask, step_id, tuple(targets), hypo_ids
+        )
         async with blame(hop.hop.peer_id):
             try:
-                y = await self._hop_step(hop, message, pushed)
+                return await self._hop_step(hop, message, pushed)
             except BaseException:
                 hop.broken = True
                 hop.close()
                 raise
-        hop.history.append(x)
-        return y
 
     async def _hop_step(self, hop: HopSession, message, pushed: bool) -> torch.Tensor:
         """Send ``message`` (unless its input was ``pushed``) and wait for the hop's output; a pushed input
@@ -220,11 +259,11 @@ class InferenceSession(ChainSession):
                 return result
             logger.debug("Skipped a stale result (step %d, waiting for %d)", result.step_id, step_id)
 
-    def _step_message(self, hop: Hop, offset: int, x, positions, mask, step_id: int = 0, push=()):
+    def _step_message(self, hop: Hop, offset: int, x, positions, mask, step_id: int = 0, push=(), hypo_ids=None):
         """The message of one step of ``hop`` at cache ``offset``: with the hop's deep prompts if it covers any
         (never pushed), else an ``InferenceStep`` that the server pushes on to ``push``."""
         if self.prompts is None or prompt_overlap(self.prompts.shape[2], offset, x.shape[1]) == 0:
-            return InferenceStep(offset, x, positions, mask, step_id, push)
+            return InferenceStep(offset, x, positions, mask, step_id, push, hypo_ids)
         prompts = self.prompts[hop.start : hop.end].to(x.dtype).contiguous()
         return InferencePromptStep(offset, x, positions, mask, prompts, step_id)
 

@@ -35,7 +35,13 @@ class LocalChainSession(ChainSession):
     def position(self) -> int:
         return 0 if self._session is None else self._session.length
 
-    def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def step(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hypo_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         stack = self.stack
         if self._session is None:
             self._session = KVSession(stack, *self.blocks, hidden.shape[0], self.max_length)
@@ -43,6 +49,8 @@ class LocalChainSession(ChainSession):
         if end > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded ({end} tokens)")
         with torch.inference_mode(), self.extras.local_context(stack, *self.blocks):
+            if hypo_ids is not None and self._session.length:
+                self._session.reorder(hypo_ids.to(torch.int64))
             return self._session.step(self.position, hidden, positions, attention_mask.bool(), self.prompts)
 
     def rewind(self, position: int) -> None:

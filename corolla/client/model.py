@@ -12,8 +12,9 @@ Decisions:
   attention mask) at every step and keeps no cache of its own; `forward`, inside a `GenerationSession`,
   sends only the tokens the server-side caches have not seen. Position ids are transformers' (it derives
   them from the attention mask: left padding gets the same positions as with `LlamaForCausalLM`), so
-  greedy output is token-exact with transformers on the same checkpoint. Beam search is refused: it
-  reorders sequences, and the caches live on the servers.
+  greedy output is token-exact with transformers on the same checkpoint. Beam search works unchanged:
+  when transformers reorders its hypotheses, the session sees rows continuing other rows and has every
+  server reorder its cache rows before the next step (`GenerationSession`, `hypo_ids`).
 - **Sessions as in Petals.** `model.inference_session(max_length=N)` opens one (a context manager that
   also makes it the model's active session, per thread); `generate(..., session=s)` or a `generate`
   inside `with model.inference_session(...)` continues a conversation: the caller passes only the new
@@ -216,10 +217,6 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
                 raise NotImplementedError(f"{name}: the caches live on the servers; pass session= instead")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         config = kwargs.get("generation_config") or self.generation_config
-        if (kwargs.get("num_beams") or config.num_beams or 1) > 1:
-            raise NotImplementedError(
-                "beam search is not supported: it reorders sequences whose caches are remote"
-            )
         session = session if session is not None else self.active_session
         owned = session is None
         if owned:

@@ -126,10 +126,17 @@ class PromptedChainSession(ChainSession):
     def position(self) -> int:
         return max(0, self.inner.position - self.pre_seq_len)
 
-    def step(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def step(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hypo_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         k = self.pre_seq_len
         if self.inner.position > 0:
-            return self.inner.step(hidden, positions + k, attention_mask)
+            hypo = {} if hypo_ids is None else {"hypo_ids": hypo_ids}
+            return self.inner.step(hidden, positions + k, attention_mask, **hypo)
         batch = hidden.shape[0]
         hidden = torch.cat([self.prompts.to(hidden.dtype).expand(batch, -1, -1), hidden], dim=1)
         positions = torch.cat([torch.arange(k).expand(batch, -1), positions + k], dim=1)

@@ -33,9 +33,9 @@ class BlocksSession(ChainSession):
 
     ``step(hidden_states)`` takes positions and mask as optional (default: the next positions, every token
     real), accepts an empty step ([B, 0, H] gives [B, 0, H] back without a call), and Petals'
-    ``start_from_position=n`` (rewind to n first); ``position`` is settable (rewinds). Petals' per-step
-    ``prompts`` and ``hypo_ids`` (beam reordering) are refused by name: deep prompts are given when the
-    session opens, and caches are never reordered.
+    ``start_from_position=n`` (rewind to n first); ``position`` is settable (rewinds); ``hypo_ids`` [B]
+    reorders the cached rows before the step (beam search: every server reorders its own cache). Petals'
+    per-step ``prompts`` are refused by name: deep prompts are given when the session opens.
     """
 
     def __init__(self, session: ChainSession):
@@ -68,14 +68,15 @@ class BlocksSession(ChainSession):
     ) -> torch.Tensor:
         if prompts is not None:
             raise ValueError("per-step prompts are not supported: pass prompts= when opening the session")
-        if hypo_ids is not None:
-            raise NotImplementedError("hypo_ids (beam search) are not supported: the caches are not reordered")
         if start_from_position is not None:
             self.rewind(start_from_position)
         if hidden_states.shape[1] == 0:
             return hidden_states
         positions, mask = _chain_inputs(hidden_states, positions, attention_mask, first=self.position)
-        return self.session.step(hidden_states.cpu(), positions, mask).to(hidden_states.device)
+        args = (hidden_states.cpu(), positions, mask)
+        if hypo_ids is not None:  # (a chain session written before beam search takes three arguments)
+            args = (*args, hypo_ids.cpu().long())
+        return self.session.step(*args).to(hidden_states.device)
 
     def describe_route(self):
         return self.session.describe_route()

@@ -38,6 +38,22 @@ class KVSession:
             raise ValueError(f"cannot rewind a session holding {self.length} tokens to {length}")
         self.length = length
 
+    def reorder(self, hypo_ids: torch.Tensor) -> None:
+        """Row ``i`` of the caches becomes row ``hypo_ids[i]`` (beam search keeps the best hypotheses; a row may
+        be copied into several). ``hypo_ids`` [B] int64 in [0, B)."""
+        if tuple(hypo_ids.shape) != (self.batch_size,) or hypo_ids.dtype != torch.int64:
+            raise ValueError(
+                f"hypo_ids must be int64 [{self.batch_size}], got {hypo_ids.dtype} {list(hypo_ids.shape)}"
+            )
+        if int(hypo_ids.min()) < 0 or int(hypo_ids.max()) >= self.batch_size:
+            raise ValueError(f"hypo_ids must be row indices in [0, {self.batch_size}), got {hypo_ids.tolist()}")
+        index = hypo_ids.to(self.valid.device)
+        length = self.length
+        for cache in self.caches:
+            cache.k[:, :, :length] = cache.k[index, :, :length]
+            cache.v[:, :, :length] = cache.v[index, :, :length]
+        self.valid[:, :length] = self.valid[index, :length]
+
     def step(
         self,
         offset: int,

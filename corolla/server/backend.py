@@ -11,7 +11,7 @@ import torch
 
 from corolla.models.session import KVSession
 from corolla.models.stack import BlockStack
-from corolla.server.checks import check_inputs, check_prompts, check_range
+from corolla.server.checks import check_hypo_ids, check_inputs, check_prompts, check_range
 from corolla.server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeWorker
 from corolla.wire.errors import BadRequestError, SessionLengthError
 
@@ -52,10 +52,13 @@ class BlockBackend:
         positions: torch.Tensor,
         mask: torch.Tensor,
         prompts: torch.Tensor | None = None,
+        hypo_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One step; ``prompts`` (deep prompts of the session's blocks) apply to cache positions < K."""
+        """One step; ``prompts`` (deep prompts of the session's blocks) apply to cache positions < K;
+        ``hypo_ids`` (beam search) reorders the cache's rows first."""
         check_inputs(self.hidden_size, hidden, positions, mask, session.batch_size)
         check_prompts(prompts, session.end - session.start, hidden)
+        check_hypo_ids(hypo_ids, session.batch_size)
         tokens = hidden.shape[1]
         if not 0 <= offset <= session.length:
             raise BadRequestError(f"step offset {offset} is past the session's {session.length} cached tokens")
@@ -64,6 +67,8 @@ class BlockBackend:
                 f"step would fill cache positions up to {offset + tokens}, over the session's max_length "
                 f"{session.max_length}"
             )
+        if hypo_ids is not None:
+            await self.worker.submit(PRIORITY_INFERENCE, session.reorder, hypo_ids)
         if prompts is None:  # batched with other sessions' steps (see corolla.server.compute)
             return await self.worker.submit_step(session, offset, hidden, positions, mask)
         return await self.worker.submit(

@@ -46,6 +46,16 @@ def check_inputs(
         raise BadRequestError("positions must be in [0, 2**24)")
 
 
+def check_hypo_ids(hypo_ids: torch.Tensor | None, batch: int) -> None:
+    """Beam reordering: int64 ``[batch]`` row indices in ``[0, batch)``."""
+    if hypo_ids is None:
+        return
+    if hypo_ids.dtype != torch.int64 or tuple(hypo_ids.shape) != (batch,):
+        raise BadRequestError(f"hypo_ids must be int64 [{batch}], got {hypo_ids.dtype} {list(hypo_ids.shape)}")
+    if int(hypo_ids.min()) < 0 or int(hypo_ids.max()) >= batch:
+        raise BadRequestError(f"hypo_ids must be row indices in [0, {batch})")
+
+
 def check_prompts(prompts: torch.Tensor | None, num_blocks: int, hidden: torch.Tensor, what: str = "prompts"):
     """Deep prompts must be floating ``[num_blocks, B or 1, K, H]`` with ``1 <= K``."""
     if prompts is None:

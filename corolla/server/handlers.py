@@ -278,9 +278,10 @@ class RequestHandler:
                 raise BadRequestError("this server cannot push steps to other servers")
             if len(push) > MAX_PUSH_HOPS:
                 raise BadRequestError(f"a step may be pushed through at most {MAX_PUSH_HOPS} more hops")
+            hypo_ids = None if isinstance(step, InferencePromptStep) else step.hypo_ids
             out = await asyncio.wait_for(
                 self.backend.inference_step(
-                    session, step.offset, step.hidden, step.positions, step.attention_mask, prompts
+                    session, step.offset, step.hidden, step.positions, step.attention_mask, prompts, hypo_ids
                 ),
                 self.request_timeout,
             )
@@ -294,7 +295,7 @@ class RequestHandler:
             target = push[0]
             pusher.push(target, PushedStep(
                 target.session_id, target.token, step.step_id, step.offset, out, step.positions,
-                step.attention_mask, push[1:],
+                step.attention_mask, push[1:], step.hypo_ids,
             ), compression)  # fmt: skip
         await self._send(writer, InferenceStepResult(out, step.step_id), compression)
 

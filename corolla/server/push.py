@@ -25,7 +25,7 @@ import hmac
 import logging
 
 from corolla.models.session import KVSession
-from corolla.server.checks import check_inputs
+from corolla.server.checks import check_hypo_ids, check_inputs
 from corolla.swarm.transport import Connection, Transport
 from corolla.wire.errors import BadRequestError, ServerBusyError, SessionLengthError
 from corolla.wire.messages import PUSH_ID_BYTES, PushedStep, PushTarget
@@ -77,6 +77,7 @@ class SessionDirectory:
             raise BadRequestError(f"a step may be pushed through at most {MAX_PUSH_HOPS} more hops")
         kv = live.kv
         check_inputs(live.hidden_size, step.hidden, step.positions, step.attention_mask, kv.batch_size)
+        check_hypo_ids(step.hypo_ids, kv.batch_size)
         tokens = step.hidden.shape[1]
         if not 0 <= step.offset <= kv.length:
             raise BadRequestError(

@@ -117,7 +117,8 @@ class InferenceStep:
     ``positions`` [B, T] int64 are position ids; ``attention_mask`` [B, T] bool marks real tokens.
     ``step_id`` names the step (a session computes each id at most once: a step that arrives both pushed
     and relayed runs once). ``push`` is the rest of the chain: the server sends its output to ``push[0]``
-    as a :class:`PushedStep` carrying ``push[1:]``, besides answering here.
+    as a :class:`PushedStep` carrying ``push[1:]``, besides answering here. ``hypo_ids`` [B] int64 (beam
+    search): before this step, cache row ``i`` becomes row ``hypo_ids[i]``.
     """
 
     offset: int
@@ -126,6 +127,7 @@ class InferenceStep:
     attention_mask: torch.Tensor
     step_id: int = 0
     push: tuple[PushTarget, ...] = ()
+    hypo_ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class PushedStep:
     positions: torch.Tensor
     attention_mask: torch.Tensor
     push: tuple[PushTarget, ...] = ()
+    hypo_ids: torch.Tensor | None = None  # as in InferenceStep: every server of the chain reorders its cache
 
 
 @dataclass(frozen=True)

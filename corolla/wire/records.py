@@ -10,7 +10,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-WIRE_VERSION = 3  # 2: probe, training, adapter and LoRA messages; 3: server-to-server push of inference steps
+#: 2: probe, training, adapter and LoRA messages; 3: server-to-server push of inference steps; 4: beam reordering
+#: (hypo_ids) in inference steps
+WIRE_VERSION = 4
 MAX_RECORD_BYTES = 16 * 1024
 
 

@@ -64,9 +64,9 @@ class RecordingChain(LocalChain):
         session, chain = super().open_session(max_length, **options), self
         step, close = session.step, session.close
 
-        def recording_step(hidden, positions, attention_mask):
+        def recording_step(hidden, positions, attention_mask, *hypo_ids):
             chain.steps.append(hidden.shape[1])
-            return step(hidden, positions, attention_mask)
+            return step(hidden, positions, attention_mask, *hypo_ids)
 
         def recording_close():
             chain.closed += 1
@@ -296,9 +296,24 @@ def test_session_overflow_raises(model):
         model(ids)
 
 
-def test_beam_search_is_refused(model):
-    with pytest.raises(NotImplementedError, match="beam search"):
-        model.generate(_prompts(), num_beams=2, max_new_tokens=3)
+@pytest.mark.parametrize("num_beams, batch", [(3, 1), (2, 2)])
+def test_beam_search_equals_transformers(model, reference, num_beams, batch):
+    """transformers' beam search reorders hypotheses every step; the chain's caches follow (hypo_ids)."""
+    ids = _prompts(batch, 6, seed=5)
+    options = dict(num_beams=num_beams, max_new_tokens=8, do_sample=False, num_return_sequences=num_beams)
+    expected = reference.generate(ids, **options)
+    ours = model.generate(ids, **options)
+    torch.testing.assert_close(ours, expected, atol=0, rtol=0)
+    assert not torch.equal(expected[:, ids.shape[1] :].unique(dim=0), expected[:1, ids.shape[1] :])  # beams differ
+
+
+def test_a_rewritten_history_is_refused_by_name(model):
+    ids = _prompts(2, 5)
+    with model.inference_session(max_length=16) as session:
+        model.generate(ids, max_new_tokens=2, session=session)
+        other = torch.cat([_prompts(2, 5, seed=9), ids.new_zeros(2, 2)], dim=1)
+        with pytest.raises(RuntimeError, match="no longer starts with the tokens this session sent"):
+            session.prepare_step(model.model.embed_tokens, other, None, None, None, full_history=True)
 
 
 PETALS_SCRIPT = """

@@ -24,8 +24,8 @@ def test_a_session_over_a_slice_of_blocks(models):
         assert empty.shape == (1, 0, model.config.hidden_size) and session.position == 6
         session.position = 4  # rewind: the next step overwrites from position 4
         again = session.step(hidden[:, 4:])
-        with pytest.raises(NotImplementedError, match="hypo_ids"):
-            session.step(hidden[:, :1], hypo_ids=torch.tensor([0]))
+        with pytest.raises(ValueError, match="row indices"):  # beam reordering works; bad indices are refused
+            session.step(hidden[:, :1], hypo_ids=torch.tensor([1]))
         with pytest.raises(ValueError, match="per-step prompts"):
             session.step(hidden[:, :1], prompts=torch.zeros(3, 1, 1, model.config.hidden_size))
     torch.testing.assert_close(torch.cat([first, rest], 1), expected, atol=1e-5, rtol=0)
