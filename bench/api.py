@@ -1,4 +1,4 @@
-"""OpenAI-compatible API vs the Python client: time to first token and tokens/s, 1 and 8 concurrent streams.
+"""OpenAI-compatible API vs the Python client: time to first token and tokens/s, 1 and 16 concurrent streams.
 
 A loopback swarm of the offline demo checkpoint (or ``--model``), two servers in a chain, and `corolla api`
 as a subprocess. The same greedy requests (prompts of ``--prompt_tokens`` ids, ``--max_tokens`` new tokens,
@@ -126,7 +126,7 @@ def _median_of(runs: list[dict]) -> dict:
 
 def measure(model, client, model_id, tokenizer, prompts, args, eos, monitor) -> dict:
     out = {}
-    for streams in (1, 8):
+    for streams in args.streams:
         batch = prompts[:streams]
         direct_runs, api_runs, loads = [], [], []
         exact = True
@@ -194,7 +194,10 @@ def run(args, workdir: Path) -> dict:
         vocab = model.config.vocab_size
         eos = tokenizer.eos_token_id
         gen = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(10, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(8)]
+        prompts = [
+            torch.randint(10, vocab, (args.prompt_tokens,), generator=gen).tolist()
+            for _ in range(max(args.streams))
+        ]
         log("warming up")
         direct_stream(model, prompts[0], 4, eos)
         api_stream(client, model_id, prompts[0], 4, eos)
@@ -226,7 +229,11 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt_tokens", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3, help="paired runs per concurrency (medians reported)")
     parser.add_argument("--workdir", default=None, help="keep the checkpoint and logs here (default: a temp dir)")
+    parser.add_argument(
+        "--streams", default="1,16", help="concurrent streams per measurement (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
+    args.streams = [int(s) for s in args.streams.split(",")]
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="corolla-bench-api-") as tmp:
         workdir = Path(args.workdir or tmp)
