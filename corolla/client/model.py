@@ -220,6 +220,12 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         session = session if session is not None else self.active_session
         owned = session is None
         if owned:
+            if not _sized(kwargs, config):
+                raise ValueError(
+                    "generate outside an inference session needs max_new_tokens or max_length: they size the "
+                    "servers' KV caches (as in Petals); or call it inside `with model.inference_session(max_length="
+                    "N):`"
+                )
             session = self.inference_session(self._session_length(input_ids, kwargs, config))
         try:
             earlier = session.length  # tokens of earlier calls: not part of this call's result
@@ -285,6 +291,14 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         else:
             total = config.max_length
         return max(total, prompt + 1)
+
+
+def _sized(kwargs: dict, config: GenerationConfig) -> bool:
+    """Whether a generate call says how long it may grow: max_new_tokens or max_length given, or set in its
+    generation config (other than transformers' default max_length)."""
+    if kwargs.get("max_new_tokens") is not None or kwargs.get("max_length") is not None:
+        return True
+    return config.max_new_tokens is not None or config.max_length != GenerationConfig().max_length
 
 
 #: model_type -> causal-LM class, for `AutoDistributedModelForCausalLM`

@@ -402,3 +402,14 @@ def test_connects_to_the_swarm_without_a_chain(checkpoint, stack, monkeypatch):
     assert call["initial_peers"] == ["/ip4/127.0.0.1/tcp/1/p2p/Qm"] and call["request_timeout"] == 5.0
     assert call["dht_prefix"] == checkpoint.name.replace(".", "-")
     assert model.generate(_prompts(), max_new_tokens=2).shape == (1, 9)
+
+
+def test_generate_outside_a_session_must_say_how_long(model):
+    """As in Petals: the session's size comes from max_new_tokens or max_length; without either, a clear error
+    (inside a session, transformers' defaults apply)."""
+    ids = _prompts(1, 5)
+    with pytest.raises(ValueError, match="max_new_tokens or max_length"):
+        model.generate(ids)
+    assert model.generate(ids, max_length=8).shape == (1, 8)
+    with model.inference_session(max_length=32):
+        assert model.generate(ids).shape[1] > ids.shape[1]
