@@ -268,11 +268,16 @@ class InferenceSession(ChainSession):
         return InferencePromptStep(offset, x, positions, mask, prompts, step_id)
 
     async def _await_alive(self, hop: HopSession, coro, expected: float):
-        """Await ``coro``; past each deadline, ping the server and give up only if it does not answer."""
+        """Await ``coro``; past each deadline, ping the server and give up only if it does not answer.
+
+        A busy server (many sessions batched, a long queue) is slow, not dead: its pings are answered off its
+        compute path, so it is waited for, with deadlines doubling (up to 8 s) while it keeps answering. A
+        ping lost under load gets a second chance with 4x the timeout; only a server silent to both is given up
+        (a stopped process, a cut link)."""
         cfg = self.manager.config
         task = asyncio.ensure_future(coro)
         deadline = max(cfg.step_timeout_floor, cfg.step_timeout_factor * expected)
-        waited = 0.0
+        waited, peer = 0.0, hop.hop.peer_id
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=deadline)
@@ -280,10 +285,13 @@ class InferenceSession(ChainSession):
                     return task.result()
                 waited += deadline
                 if waited >= cfg.request_timeout:
-                    raise TimeoutError(f"server {hop.hop.peer_id} took over {waited:.0f} s")
-                if await self.manager.ping(hop.hop.peer_id) is None:
-                    raise UnresponsiveServerError(f"no reply in {waited:.2f} s and no answer to a ping")
-                logger.debug("Server %s is slow but alive (%.1f s so far)", hop.hop.peer_id, waited)
+                    raise TimeoutError(f"server {peer} took over {waited:.0f} s")
+                if await self.manager.ping(peer) is None and (
+                    await self.manager.ping(peer, timeout=4 * cfg.ping_timeout) is None
+                ):
+                    raise UnresponsiveServerError(f"no reply in {waited:.2f} s and no answer to two pings")
+                logger.debug("Server %s is slow but alive (%.1f s so far)", peer, waited)
+                deadline = min(2 * deadline, max(deadline, 8.0))
         finally:
             if not task.done():
                 task.cancel()
