@@ -4,6 +4,12 @@ A failure in one call never reaches another: every handler catches what its call
 with the error's code and message (unexpected exceptions become ``internal`` and are logged), and
 closes only its own stream. Framing errors leave the stream out of sync, so they end the call; a
 well-framed but invalid inference step is answered with an error and the session stays usable.
+
+The caller hangs up first. After its last reply the handler waits (up to ``request_timeout``, discarding
+anything more) for the caller to close its end, and only then closes its own: p2pd may *reset* a stream
+whose handler end closes while the caller's is open (its two copy loops race on the close), and a reset
+throws away the bytes the caller's daemon has not handed over yet. On a busy machine that cut replies at
+32 KiB boundaries (p2pd copies in 32 KiB chunks) or dropped them whole.
 """
 
 from __future__ import annotations
@@ -113,11 +119,13 @@ class RequestHandler:
         self._tasks.add(task)
         peer = str(stream_info.peer_id)
         try:
-            await self._serve(peer, reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the client went away; its session (if any) is already released
-        except Exception as e:
-            await self._answer_error(writer, e, peer)
+            try:
+                await self._serve(peer, reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return  # the client went away; its session (if any) is already released
+            except Exception as e:
+                await self._answer_error(writer, e, peer)
+            await wait_for_hang_up(reader, self.request_timeout)
         finally:
             self._tasks.discard(task)
             if not writer.is_closing():
@@ -265,9 +273,11 @@ class RequestHandler:
                 if step.step_id:
                     done_ids.append(step.step_id)
         finally:
-            for task in (read, pushed):
-                if task is not None:
-                    task.cancel()
+            pending = [task for task in (read, pushed) if task is not None]
+            for task in pending:
+                task.cancel()
+            if pending:  # a cancelled read must let go of the reader before the caller's hang-up is awaited
+                await asyncio.wait(pending)
 
     async def _step(self, session, step, writer, from_push: bool, pusher: Pusher | None, compression) -> None:
         prompts = step.prompts if isinstance(step, InferencePromptStep) else None
@@ -360,3 +370,20 @@ class RequestHandler:
             _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
             for task in pending:  # idle sessions: their clients see EOF and fail over
                 task.cancel()
+
+
+async def wait_for_hang_up(reader: asyncio.StreamReader, timeout: float) -> None:
+    """Read and discard until the caller closes its end (EOF), for at most ``timeout`` seconds.
+
+    A handler's last reply is safe only once the caller has read it; the caller closes when it has (see the
+    module docstring: closing first lets p2pd reset the stream and drop the reply's unread tail).
+    """
+
+    async def until_eof() -> None:
+        while await reader.read(1 << 16):
+            pass
+
+    try:
+        await asyncio.wait_for(until_eof(), timeout)
+    except (asyncio.TimeoutError, ConnectionError):
+        pass

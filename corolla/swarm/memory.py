@@ -13,6 +13,10 @@ where faults are injected per peer, the way integration tests inject them with s
 - :meth:`InMemoryNetwork.resume` (SIGCONT): bytes flow again, on old streams and new dials.
 
 Records are whatever the test sets in :class:`InMemoryDiscovery`, as servers would announce them.
+
+:attr:`InMemoryNetwork.handler_closed_first` counts the streams whose handler closed its end while the
+caller's was still open: over p2pd such a close may reset the stream and lose the reply's unread tail, so
+handlers wait for the caller to hang up (tests check that the count stays 0).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class InMemoryNetwork:
         self._client_ends: dict[str, set[asyncio.StreamWriter]] = {}
         self.dials: dict[str, int] = {}  # peer -> streams opened to it (for tests' assertions)
         self.dials_from: dict[tuple[str, str], int] = {}  # (caller, peer) -> streams the caller opened to it
+        #: peer -> its streams whose handler end closed before the caller's (see the module docstring)
+        self.handler_closed_first: dict[str, int] = {}
 
     def add_peer(self, peer_id: str, handler: StreamHandler) -> None:
         self._handlers[peer_id] = handler
@@ -65,6 +71,11 @@ class InMemoryNetwork:
         for writer in self._client_ends.pop(peer_id, set()):
             writer.close()
 
+    async def settle(self) -> None:
+        """Wait until every stream's handler and pumps have finished (all calls ended and hung up)."""
+        while tasks := {task for peer_tasks in self._tasks.values() for task in peer_tasks if not task.done()}:
+            await asyncio.wait(tasks)
+
     def stall(self, peer_id: str) -> None:
         """Like SIGSTOP: nothing gets through, nothing is closed, new dials hang."""
         self._flowing[peer_id].clear()
@@ -83,10 +94,17 @@ class InMemoryNetwork:
         self.dials[peer_id] = self.dials.get(peer_id, 0) + 1
         self.dials_from[caller, peer_id] = self.dials_from.get((caller, peer_id), 0) + 1
         tasks = self._tasks.setdefault(peer_id, set())
+        ends: list[str] = []  # which end reached EOF first: "caller" or "handler"
+
+        def ended(end: str) -> None:
+            ends.append(end)
+            if ends == ["handler"]:
+                self.handler_closed_first[peer_id] = self.handler_closed_first.get(peer_id, 0) + 1
+
         for coro in (
             self._handlers[peer_id](StreamInfo(caller), *server),
-            _pump(client_net[0], server_net[1], flowing),
-            _pump(server_net[0], client_net[1], flowing),
+            _pump(client_net[0], server_net[1], flowing, lambda: ended("caller")),
+            _pump(server_net[0], client_net[1], flowing, lambda: ended("handler")),
         ):
             task = asyncio.ensure_future(coro)
             tasks.add(task)
@@ -101,13 +119,16 @@ async def _stream_pair():
     return await asyncio.open_connection(sock=a), await asyncio.open_connection(sock=b)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event) -> None:
-    """Copy bytes while ``flowing`` is set; EOF is passed on as a close."""
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event, on_eof: Callable[[], None]
+) -> None:
+    """Copy bytes while ``flowing`` is set; EOF is passed on as a close (after calling ``on_eof``)."""
     try:
         while data := await reader.read(1 << 16):
             await flowing.wait()
             writer.write(data)
             await writer.drain()
+        on_eof()
         await flowing.wait()
     except (ConnectionError, OSError):
         pass
