@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -120,19 +121,33 @@ def snapshot(reader: SwarmReader, models: list[ModelRef] | None, as_json: bool =
 
 
 def watch(reader: SwarmReader, models: list[ModelRef] | None, period: float, as_json: bool = False) -> None:
-    """Redraw until Ctrl-C: the screen is cleared on a terminal, snapshots are appended otherwise."""
+    """Redraw until interrupted (see :func:`stop_on_signals`): the screen is cleared on a terminal,
+    snapshots are appended otherwise."""
     tty = sys.stdout.isatty() and not as_json
-    try:
-        while True:
-            text = snapshot(reader, models, as_json)
-            if not as_json:
-                stamp = f"corolla health  {datetime.now():%H:%M:%S}  (every {period:g} s, Ctrl-C to stop)\n\n"
-                text = (CLEAR_SCREEN if tty else "") + stamp + text + ("" if tty else "\n")
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            time.sleep(period)
-    except KeyboardInterrupt:
-        pass
+    while True:
+        text = snapshot(reader, models, as_json)
+        if not as_json:
+            stamp = f"corolla health  {datetime.now():%H:%M:%S}  (every {period:g} s, Ctrl-C to stop)\n\n"
+            text = (CLEAR_SCREEN if tty else "") + stamp + text + ("" if tty else "\n")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        time.sleep(period)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, whatever this process inherited.
+
+    Python turns SIGINT into KeyboardInterrupt only if SIGINT was not ignored when it started, and a
+    background job of a non-interactive shell (``cmd &`` in a script, some CI runners and test harnesses)
+    starts with SIGINT ignored: ``--watch`` then never stopped on Ctrl-C or ``kill -INT``. Like the other
+    long-running commands (server, dht, monitor), ``--watch`` installs its own handlers.
+    """
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -142,14 +157,21 @@ def run(args: argparse.Namespace) -> None:
     from corolla.swarm.reader import SwarmReader
 
     models = resolve_models(args)
-    with SwarmReader(
-        network_config(args, client_mode=True), name="corolla-health", timeout=FETCH_TIMEOUT
-    ) as reader:
-        if args.watch is None:
+    if args.watch is None:
+        with SwarmReader(
+            network_config(args, client_mode=True), name="corolla-health", timeout=FETCH_TIMEOUT
+        ) as reader:
             sys.stdout.write(snapshot(reader, models, args.json))
             sys.stdout.flush()
-        else:
+        return
+    stop_on_signals()  # before joining: a signal while the reader starts stops it as well
+    try:
+        with SwarmReader(
+            network_config(args, client_mode=True), name="corolla-health", timeout=FETCH_TIMEOUT
+        ) as reader:
             watch(reader, models, args.watch, args.json)
+    except KeyboardInterrupt:
+        pass  # the reader has closed (its p2pd stopped) on the way out of the with block
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,10 +63,15 @@ def test_health_json_of_a_bare_prefix(shared_swarm, processes):
     assert model["coverage"] == [1, 1, 2, 3, 2, 2, 1, 1]
 
 
+#: Runs the rest of the command line with SIGINT ignored, as a background job of a non-interactive shell starts
+IGNORING_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+
+
 def test_health_watch_redraws_until_interrupted(shared_swarm, tiny_llama, processes):
-    proc = processes.start(
-        health_cmd(shared_swarm, tiny_llama, "--watch", "0.2"), "health-watch", stdout=subprocess.PIPE
-    )
+    """Started with SIGINT ignored (inherited), as `corolla health --watch &` in a script or some test runners
+    start it: the watch still stops on SIGINT (Python alone would have kept ignoring it, and did)."""
+    cmd = ["-c", IGNORING_SIGINT, *health_cmd(shared_swarm, tiny_llama, "--watch", "0.2")]
+    proc = processes.start(cmd, "health-watch", stdout=subprocess.PIPE)
     first = [proc.stdout.readline() for _ in range(2)]
     assert first[0].startswith("corolla health  ") and "(every 0.2 s, Ctrl-C to stop)" in first[0], first
     snapshots = 1
