@@ -3,7 +3,9 @@
 A message is a frozen dataclass. On the wire it is a msgpack array of its field values in declared
 order (no field names, no free-form dicts). Decoding walks the annotations and rejects anything that
 does not fit: a wrong type, a wrong arity, an unknown enum value, an oversized tensor. msgpack is
-unpacked with hard limits and no extension types, so nothing received can build arbitrary objects.
+unpacked with hard limits and no extension types, so nothing received can build arbitrary objects. The
+arrays of one message hold at most :data:`MAX_ITEMS` items in all: without that bound, nested empty
+arrays (one byte each) made a 4 MiB payload cost 260 MiB of Python lists.
 
 Supported field types: ``int``, ``float``, ``str``, ``bool``, ``bytes``, ``torch.Tensor``, ``str``
 enums, nested message dataclasses, ``X | None``, ``tuple[X, ...]`` and ``tuple[X, Y]``.
@@ -26,6 +28,9 @@ from corolla.wire.tensors import decode_tensor, encode_tensor
 
 T = TypeVar("T")
 
+#: Items in all the arrays of one message; the largest real messages (LoRA uploads) hold tens of thousands.
+MAX_ITEMS = 1 << 18
+
 
 def to_obj(value: Any, compression: str | None = None) -> Any:
     """A dataclass tree -> plain msgpack-able lists (tensors become [dtype, shape, wire_dtype, bytes])."""
@@ -44,6 +49,19 @@ def pack(message: Any, compression: str | None = None) -> bytes:
     return msgpack.packb(to_obj(message, compression), use_bin_type=True)
 
 
+class _ItemBudget:
+    """msgpack's ``list_hook``: counts the items of every array built and stops the unpacking past the budget."""
+
+    def __init__(self, budget: int):
+        self.left = budget
+
+    def __call__(self, items: list) -> list:
+        self.left -= len(items) + 1
+        if self.left < 0:
+            raise ValueError(f"more than {MAX_ITEMS} array items in one message")
+        return items
+
+
 def unpack(cls: type[T], data: bytes, max_tensor_bytes: int) -> T:
     try:
         obj = msgpack.unpackb(
@@ -55,6 +73,7 @@ def unpack(cls: type[T], data: bytes, max_tensor_bytes: int) -> T:
             max_array_len=1 << 16,
             max_map_len=0,
             max_ext_len=0,
+            list_hook=_ItemBudget(MAX_ITEMS),
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
         raise BadRequestError(f"malformed {cls.__name__}: {e}") from None

@@ -70,7 +70,7 @@ def encode_tensor(tensor: torch.Tensor, compression: str | None = None) -> list:
         wire = wire.to(DTYPES[compression])
         wire_name = compression
     wire = wire.to("cpu").contiguous()
-    data = wire.view(torch.uint8).numpy().tobytes() if wire.numel() else b""
+    data = wire.reshape(-1).view(torch.uint8).numpy().tobytes() if wire.numel() else b""  # 0-dim too
     return [name, list(tensor.shape), wire_name, data]
 
 
@@ -91,12 +91,14 @@ def decode_tensor(obj: object, max_bytes: int) -> torch.Tensor:
         raise BadRequestError("tensor data must be bytes")
     itemsize = torch.empty((), dtype=wire_dtype).element_size()
     expected = math.prod(shape) * itemsize
-    if expected > max_bytes:
-        raise BadRequestError(f"tensor of shape {shape} ({expected} bytes) exceeds the limit of {max_bytes} bytes")
+    if math.prod(max(d, 1) for d in shape) * itemsize > max_bytes:  # an empty tensor's other dims count too
+        raise BadRequestError(f"tensor of shape {list(shape)} exceeds the limit of {max_bytes} bytes")
     if len(data) != expected:
         raise BadRequestError(
             f"tensor of shape {shape} and dtype {wire_name} needs {expected} bytes, got {len(data)}"
         )
+    if wire_dtype == torch.bool and bytes(data).translate(None, b"\x00\x01"):
+        raise BadRequestError("bool tensor bytes must be 0 or 1")  # torch would keep other bytes as they are
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(bytearray(data), dtype=wire_dtype)
