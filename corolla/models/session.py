@@ -31,6 +31,13 @@ class KVSession:
         device = next(stack.parameters()).device
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.length = 0
+        self.closed = False
+
+    def close(self) -> None:
+        """Free the caches now (whoever still holds this object, e.g. a traceback, holds no memory)."""
+        self.closed = True
+        self.caches = []
+        self.valid = self.valid[:, :0]
 
     def rewind(self, length: int) -> None:
         """Keep only the first ``length`` cached tokens (the next step writes at ``length``)."""
@@ -80,6 +87,8 @@ class KVSession:
     def _segment(self, offset: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> Segment:
         """Check that a step fits, record its tokens' mask, and return it as the stack's forward takes it."""
         end = offset + hidden.shape[1]
+        if self.closed:
+            raise ValueError("this session is closed")
         if not 0 <= offset <= self.length or end > self.max_length:
             raise ValueError(
                 f"a step of {hidden.shape[1]} tokens at offset {offset} does not fit a session holding "

@@ -14,7 +14,10 @@ and every other waiting step of the same group (same stack, same blocks, same ad
 as one forward (``corolla.models.session.step_sessions``: projections and MLPs over all rows at once,
 attention per session). A batch holds at most ``max_batch_tokens`` tokens (rows x tokens): short steps go
 first, and a long prefill takes what is left, in chunks, over several batches, so a long prompt never
-stalls everyone's next token. Sessions join or leave between any two batches. A step that fails inside a
+stalls everyone's next token. Sessions join or leave between any two batches. When sessions that stepped
+lately (and are still open) are not waiting, their steps are on their way (at another server of their
+chain, or their client): the oldest waiting step is held back up to half a forward's time (at most
+``max_gather_wait``) for them to join, since on busy cores a larger batch costs far less per token. A step that fails inside a
 batch is re-run alone, so only its own session sees the error. With batching off, steps run one at a
 time, whole, in arrival order (the behaviour before batching).
 
@@ -31,6 +34,8 @@ import heapq
 import itertools
 import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +51,8 @@ PRIORITY_INFERENCE = 0
 PRIORITY_FORWARD = 10
 #: default token budget of one batch (rows x tokens): bounds how long a batch keeps the others waiting
 DEFAULT_MAX_BATCH_TOKENS = 256
+#: longest a waiting step is held back for other sessions' steps to join its batch (see _gather_wait)
+MAX_GATHER_WAIT = 0.1
 
 
 @dataclass(eq=False)
@@ -53,6 +60,7 @@ class _StepJob:
     """A session's step waiting for (or part-way through) the batches that compute it."""
 
     seq: int
+    queued_at: float
     context: contextvars.Context
     group: Hashable
     session: KVSession
@@ -91,16 +99,21 @@ class ComputeWorker:
         name: str = "corolla-compute",
         batching: bool = True,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_gather_wait: float = MAX_GATHER_WAIT,
     ):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
-        self.batching, self.max_batch_tokens = batching, max_batch_tokens
+        self.batching, self.max_batch_tokens, self.max_gather_wait = batching, max_batch_tokens, max_gather_wait
         self._cond = threading.Condition()
         self._jobs: list[tuple] = []  # heap of (priority, seq, fn, args, loop, future)
         self._steps: collections.deque[_StepJob] = collections.deque()
         self._seq = itertools.count()
         self._stopping = False
         self._stats = BatchStats()
+        #: (group, session id) -> (the session, while open; when it last submitted a step);
+        #: group -> seconds its forwards take (moving average)
+        self._recent: dict[tuple, tuple[weakref.ref, float]] = {}
+        self._forward_time: dict[Hashable, float] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -132,11 +145,23 @@ class ComputeWorker:
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
         group = (id(session.stack), session.start, session.end, id(context.run(active_adapter)))
+        now = time.monotonic()
         job = _StepJob(
-            next(self._seq), context, group, session, offset, hidden, positions, mask, loop, loop.create_future()
+            next(self._seq),
+            now,
+            context,
+            group,
+            session,
+            offset,
+            hidden,
+            positions,
+            mask,
+            loop,
+            loop.create_future(),
         )
         with self._cond:
             self._steps.append(job)
+            self._recent[group, id(session)] = (weakref.ref(session), now)
             self._cond.notify()
         try:
             return await job.future
@@ -165,6 +190,10 @@ class ComputeWorker:
                 if self._steps and (
                     not self._jobs or self._jobs[0][:2] > (PRIORITY_INFERENCE, self._steps[0].seq)
                 ):
+                    wait = self._gather_wait()
+                    if wait > 0:
+                        self._cond.wait(wait)
+                        continue
                     batch = self._take_batch()
                 else:
                     job = heapq.heappop(self._jobs)
@@ -172,6 +201,7 @@ class ComputeWorker:
                 self._run_batch(batch)
             elif job is not None:
                 self._run_job(job)
+            batch = job = None  # an idle worker holds no session's caches (a closed session is freed at once)
 
     def _run_job(self, job: tuple) -> None:
         _, _, fn, args, loop, future = job
@@ -184,6 +214,30 @@ class ComputeWorker:
             _deliver(loop, future, exception=e)
         else:
             _deliver(loop, future, result=result)
+
+    def _gather_wait(self) -> float:
+        """Seconds to wait for more steps before the next batch (called with the lock held).
+
+        Sessions that stepped recently but are not waiting now are on their way (at another server of
+        their chain, or at their client): when they are, waiting up to half a forward's time for them makes
+        the batch larger, and on a machine whose cores are all busy a larger batch costs far less per token.
+        Never more than that, never for sessions idle for a while (a chat user reading), never with
+        batching off."""
+        if not self.batching or not self._steps:
+            return 0.0
+        first = self._steps[0]
+        now = time.monotonic()
+        forward = self._forward_time.get(first.group, 0.0)
+        horizon = max(1.0, 4 * forward)
+        for key, (ref, seen) in list(self._recent.items()):
+            session = ref()
+            if now - seen > horizon or session is None or session.closed:  # idle for a while, or closed
+                del self._recent[key]
+        waiting = sum(1 for job in self._steps if job.group == first.group)
+        active = sum(1 for group, _ in self._recent if group == first.group)
+        if waiting >= active:
+            return 0.0
+        return max(0.0, first.queued_at + min(self.max_gather_wait, 0.5 * forward) - now)
 
     def _take_batch(self) -> list[tuple[_StepJob, int]]:
         """(job, tokens to compute now) for the next batch; jobs computed whole leave the queue (called with
@@ -220,6 +274,7 @@ class ComputeWorker:
             SessionStep(job.session, job.offset, job.hidden[:, :n], job.positions[:, :n], job.mask[:, :n])
             for job, n in batch
         ]
+        t0 = time.monotonic()
         try:
             with torch.inference_mode():
                 outs = batch[0][0].context.run(step_sessions, steps)
@@ -231,6 +286,8 @@ class ComputeWorker:
             for member in batch:
                 self._run_batch([member])
             return
+        group = batch[0][0].group
+        self._forward_time[group] = 0.7 * self._forward_time.get(group, 0.0) + 0.3 * (time.monotonic() - t0)
         for (job, n), out in zip(batch, outs, strict=True):
             job.outputs.append(out)
             if n == job.tokens:

@@ -238,6 +238,7 @@ class RequestHandler:
                 if pusher is not None:
                     pusher.close()
                 self.active_sessions -= 1
+                session.close()  # its caches are freed now, not when the last reference goes
                 del session
                 logger.info("Closed a session for %s", peer)
 

@@ -213,3 +213,37 @@ def test_steps_under_different_adapters_never_share_a_forward(stack):
     finally:
         worker.shutdown()
     assert batches == [2, 2]
+
+
+def test_a_step_waits_for_recently_active_sessions_but_not_for_closed_or_idle_ones(stack):
+    """Sessions that stepped lately and are not waiting are on their way: the worker holds a waiting step
+    back (at most half a forward) for them to join its batch; a closed session is never waited for."""
+    worker = ComputeWorker(max_gather_wait=60.0)  # a window no test machine's pauses reach
+
+    async def main():
+        sessions = [KVSession(stack, 0, 8, 1, 8) for _ in range(2)]
+        x, p, m = _sequence(stack, 2, 0)
+        await asyncio.gather(*(worker.submit_step(kv, 0, x[:, :1], p[:, :1], m[:, :1]) for kv in sessions))
+        gate = Gate(worker)
+        held = asyncio.ensure_future(gate.hold())
+        await asyncio.sleep(0.05)
+        step = asyncio.ensure_future(worker.submit_step(sessions[0], 1, x[:, 1:], p[:, 1:], m[:, 1:]))
+        await asyncio.sleep(0.05)
+        with worker._cond:
+            group = worker._steps[0].group
+            worker._forward_time[group] = 1000.0  # a slow forward: the window is the cap, not half a forward
+            first = worker._gather_wait()
+        sessions[1].close()
+        with worker._cond:
+            second = worker._gather_wait()
+        gate.release.set()
+        await held
+        await step
+        return first, second
+
+    try:
+        first, second = asyncio.run(main())
+    finally:
+        worker.shutdown()
+    assert 0 < first <= 60.0  # waits for session 1 (recent, open), at most max_gather_wait
+    assert second == 0  # session 1 closed: nobody to wait for
