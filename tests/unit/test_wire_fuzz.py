@@ -9,80 +9,23 @@ length, version or kind changed, random or deeply nested msgpack as the payload.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import enum
 import tracemalloc
-import types
-import typing
 
 import msgpack
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire_strategies import messages, msgpack_values
 
 from corolla.wire.codec import MAX_ITEMS, pack, to_obj, unpack
 from corolla.wire.errors import BadRequestError, ServerRefusedError
 from corolla.wire.framing import HEADER, encode_frame, read_message
 from corolla.wire.messages import KINDS, MESSAGE_CLASSES, ForwardRequest, PingResponse
 from corolla.wire.records import WIRE_VERSION
-from corolla.wire.tensors import DTYPES, decode_tensor
+from corolla.wire.tensors import decode_tensor
 
 MAX_BYTES = 1 << 20  # the decoder's frame and tensor limit in these tests
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def tensors(draw) -> torch.Tensor:
-    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
-    shape = draw(st.lists(st.integers(0, 4), max_size=3))
-    numel = 1
-    for d in shape:
-        numel *= d
-    if dtype == torch.bool:
-        return torch.tensor(draw(st.lists(st.booleans(), min_size=numel, max_size=numel)), dtype=torch.bool).view(
-            shape
-        )
-    size = torch.empty((), dtype=dtype).element_size()
-    data = draw(st.binary(min_size=numel * size, max_size=numel * size))
-    return torch.frombuffer(bytearray(data), dtype=dtype).view(shape) if numel else torch.empty(shape, dtype=dtype)
-
-
-def strategy_for(tp) -> st.SearchStrategy:
-    """Values of annotation ``tp`` that the codec accepts (the field types it supports)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return st.none() | strategy_for(inner)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return st.lists(strategy_for(args[0]), max_size=3).map(tuple)
-        return st.tuples(*map(strategy_for, args))
-    if tp is torch.Tensor:
-        return tensors()
-    if dataclasses.is_dataclass(tp):
-        hints = typing.get_type_hints(tp)
-        return st.builds(tp, *[strategy_for(hints[f.name]) for f in dataclasses.fields(tp)])
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return st.sampled_from(list(tp))
-    return {
-        int: st.integers(-(2**63), 2**64 - 1),
-        float: st.floats(),
-        str: st.text(max_size=12),
-        bool: st.booleans(),
-        bytes: st.binary(max_size=20),
-    }[tp]
-
-
-messages = st.sampled_from(sorted(MESSAGE_CLASSES.values(), key=lambda c: c.__name__)).flatmap(strategy_for)
-#: any msgpack document the unpacker accepts (no maps, no extensions: those are refused as malformed)
-msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
-    | st.binary(max_size=16),
-    lambda inner: st.lists(inner, max_size=4),
-    max_leaves=20,
-)  # fmt: skip
 
 
 def check_decodes_or_refuses(cls: type, payload: bytes) -> None:
