@@ -9,7 +9,8 @@ The caller hangs up first. After its last reply the handler waits (up to ``reque
 anything more) for the caller to close its end, and only then closes its own: p2pd may *reset* a stream
 whose handler end closes while the caller's is open (its two copy loops race on the close), and a reset
 throws away the bytes the caller's daemon has not handed over yet. On a busy machine that cut replies at
-32 KiB boundaries (p2pd copies in 32 KiB chunks) or dropped them whole.
+32 KiB boundaries (p2pd copies in 32 KiB chunks) or dropped them whole. A refused push stream is the exception:
+its pusher reads no replies, so it is closed at once and the pusher opens a new one.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class RequestHandler:
                 return  # the client went away; its session (if any) is already released
             except Exception as e:
                 await self._answer_error(writer, e, peer)
-            await wait_for_hang_up(reader, self.request_timeout)
+            if not writer.is_closing():
+                await wait_for_hang_up(reader, self.request_timeout)
         finally:
             self._tasks.discard(task)
             if not writer.is_closing():
@@ -318,6 +320,9 @@ class RequestHandler:
                 self.sessions.deliver(step)
             except RemoteError as e:
                 await self._answer_error(writer, e, peer)
+                # The pusher reads no replies: close now (not after its hang-up, which would swallow its next
+                # pushes), so that its next step finds the stream gone and opens a new one.
+                writer.close()
                 return
             step = await asyncio.wait_for(read_message(reader, self.max_bytes), self.session_timeout)
             if not isinstance(step, PushedStep):

@@ -6,6 +6,7 @@ lost whole, the `IncompleteReadError`s of issue 15). The in-memory network count
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from corolla.wire.messages import (
     InfoResponse,
     PingRequest,
     PingResponse,
+    PushedStep,
 )
 from corolla.wire.records import WIRE_VERSION
 
@@ -69,3 +71,25 @@ def test_every_call_lets_the_caller_hang_up_first(swarm):
     run(asyncio.wait_for(swarm.network.settle(), 30))
     assert sum(swarm.network.dials.values()) >= 10
     assert swarm.network.handler_closed_first == {}
+
+
+def test_a_refused_push_ends_its_stream_at_once(swarm):
+    """The one exception: a pusher reads no replies, so a refused push stream is closed by the server (waiting
+    for the pusher to hang up would swallow its next pushes instead of making it open a new stream)."""
+
+    async def refused_push():
+        conn = await swarm.network.transport("a").connect("b")
+        try:
+            step = PushedStep(os.urandom(16), os.urandom(16), 1, 0, torch.randn(1, 1, 64), torch.zeros(1, 1, dtype=torch.long),
+                              torch.ones(1, 1, dtype=torch.bool))  # fmt: skip
+            await conn.send(step)
+            reply = await read_message(conn.reader)
+            with pytest.raises(asyncio.IncompleteReadError):
+                await asyncio.wait_for(read_message(conn.reader), 30)  # EOF, without the pusher closing first
+            return reply
+        finally:
+            conn.close()
+
+    reply = swarm.manager.bridge.run(refused_push())
+    assert isinstance(reply, ErrorResponse) and "not open here" in reply.message
+    assert swarm.network.handler_closed_first == {"b": 1}
