@@ -252,9 +252,11 @@ class GenerationSession:
                 f"Maximum length exceeded: the inference session's max_length={self.max_length}, it holds {sent} "
                 f"tokens and got {tokens} more; open it with a larger max_length"
             )
-        hypo = {} if prepared.hypo_ids is None else {"hypo_ids": prepared.hypo_ids}
         out = self.chain_session.step(
-            prepared.hidden.cpu(), prepared.positions.cpu().long(), prepared.mask.cpu().bool(), **hypo
+            prepared.hidden.cpu(),
+            prepared.positions.cpu().long(),
+            prepared.mask.cpu().bool(),
+            hypo_ids=prepared.hypo_ids,
         )
         if prepared.hypo_ids is not None:  # the history follows the caches' new row order
             if self.input_ids is not None:

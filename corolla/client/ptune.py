@@ -135,8 +135,7 @@ class PromptedChainSession(ChainSession):
     ) -> torch.Tensor:
         k = self.pre_seq_len
         if self.inner.position > 0:
-            hypo = {} if hypo_ids is None else {"hypo_ids": hypo_ids}
-            return self.inner.step(hidden, positions + k, attention_mask, **hypo)
+            return self.inner.step(hidden, positions + k, attention_mask, hypo_ids=hypo_ids)
         batch = hidden.shape[0]
         hidden = torch.cat([self.prompts.to(hidden.dtype).expand(batch, -1, -1), hidden], dim=1)
         positions = torch.cat([torch.arange(k).expand(batch, -1), positions + k], dim=1)

@@ -73,10 +73,8 @@ class BlocksSession(ChainSession):
         if hidden_states.shape[1] == 0:
             return hidden_states
         positions, mask = _chain_inputs(hidden_states, positions, attention_mask, first=self.position)
-        args = (hidden_states.cpu(), positions, mask)
-        if hypo_ids is not None:  # (a chain session written before beam search takes three arguments)
-            args = (*args, hypo_ids.cpu().long())
-        return self.session.step(*args).to(hidden_states.device)
+        hypo_ids = None if hypo_ids is None else hypo_ids.cpu().long()
+        return self.session.step(hidden_states.cpu(), positions, mask, hypo_ids=hypo_ids).to(hidden_states.device)
 
     def describe_route(self):
         return self.session.describe_route()

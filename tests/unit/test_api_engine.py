@@ -45,10 +45,10 @@ class ClosingChain(LocalChain):
                 self.open_sessions -= 1
             close()
 
-        def hooked_step(*args):
+        def hooked_step(*args, **kwargs):
             if self.step_hook is not None:
                 self.step_hook()
-            return step(*args)
+            return step(*args, **kwargs)
 
         session.close, session.step = counted_close, hooked_step
         return session

@@ -64,9 +64,9 @@ class RecordingChain(LocalChain):
         session, chain = super().open_session(max_length, **options), self
         step, close = session.step, session.close
 
-        def recording_step(hidden, positions, attention_mask, *hypo_ids):
+        def recording_step(hidden, positions, attention_mask, hypo_ids=None):
             chain.steps.append(hidden.shape[1])
-            return step(hidden, positions, attention_mask, *hypo_ids)
+            return step(hidden, positions, attention_mask, hypo_ids=hypo_ids)
 
         def recording_close():
             chain.closed += 1
