@@ -45,10 +45,9 @@ class Watch:
         self.swarm = swarm
 
     def records(self):
-        from corolla.swarm.discovery import fetch_block_infos
 
         bridge, node = self.swarm._watch()
-        return bridge.run(fetch_block_infos(node.dht, PREFIX, BLOCKS))
+        return bridge.run(node.records.block_infos(PREFIX, BLOCKS))
 
     def coverage(self) -> list[dict]:
         from corolla.wire.records import ServerState

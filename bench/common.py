@@ -192,7 +192,6 @@ class Swarm:
         return self._watcher
 
     def wait_online(self, procs, dht_prefix: str, num_blocks: int, timeout: float = 300) -> None:
-        from corolla.swarm.discovery import fetch_block_infos
         from corolla.wire.records import ServerState
 
         bridge, node = self._watch()
@@ -204,7 +203,7 @@ class Swarm:
             for proc in pending.values():
                 if proc.poll() is not None:
                     raise RuntimeError(f"server {proc.name} exited with {proc.returncode}; see {proc.log_path}")
-            for servers in bridge.run(fetch_block_infos(node.dht, dht_prefix, num_blocks)):
+            for servers in bridge.run(node.records.block_infos(dht_prefix, num_blocks)):
                 for peer, info in servers.items():
                     if info.state == ServerState.ONLINE:
                         pending.pop(peer, None)

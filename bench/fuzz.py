@@ -291,7 +291,7 @@ def main(argv=None) -> None:
     from corolla import AutoDistributedModelForCausalLM
     from corolla.swarm.bridge import LoopThread
     from corolla.swarm.node import NetworkConfig, SwarmNode
-    from corolla.swarm.transport import P2PTransport, call
+    from corolla.swarm.transport import P2PTransport
     from corolla.wire.messages import PingRequest, PingResponse
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="corolla-fuzz-"))
@@ -357,7 +357,8 @@ def main(argv=None) -> None:
         if alive:
             try:
                 ping = isinstance(
-                    bridge.run(call(node.p2p, server.peer_id, PingRequest(), PingResponse, 10)), PingResponse
+                    bridge.run(P2PTransport(node.p2p).call(server.peer_id, PingRequest(), PingResponse, 10)),
+                    PingResponse,
                 )
             except Exception as e:  # noqa: BLE001
                 ping = repr(e)

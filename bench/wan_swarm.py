@@ -99,7 +99,6 @@ class WanSwarm:
 
     def wait_online(self, timeout: float = 300) -> None:
         from corolla.swarm.bridge import LoopThread
-        from corolla.swarm.discovery import fetch_block_infos
         from corolla.swarm.node import NetworkConfig, SwarmNode
         from corolla.wire.records import ServerState
 
@@ -116,7 +115,7 @@ class WanSwarm:
                             raise RuntimeError(f"{peer.name} exited; see {peer.proc.log_path}")
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"not online after {timeout} s: {[p.name for p in pending.values()]}")
-                    for servers in bridge.run(fetch_block_infos(node.dht, f"wan{hops}", self.num_blocks)):
+                    for servers in bridge.run(node.records.block_infos(f"wan{hops}", self.num_blocks)):
                         for peer_id, info in servers.items():
                             if info.state == ServerState.ONLINE:
                                 pending.pop(peer_id, None)

@@ -36,6 +36,23 @@ def corolla_cache_dir(tmp_path_factory):
         os.environ["COROLLA_CACHE_DIR"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def swarm_key(tmp_path_factory):
+    """Every swarm the tests start is private: peers, servers and clients find the key in $COROLLA_SWARM_KEY
+    (tests of open swarms and of outsiders pass ``--swarm_key ""`` / ``swarm_key=""``)."""
+    from corolla.swarm.trust import SWARM_KEY_ENV, SwarmKey
+
+    path = tmp_path_factory.mktemp("swarm-key") / "swarm.key"
+    SwarmKey.generate(path)
+    previous = os.environ.get(SWARM_KEY_ENV)
+    os.environ[SWARM_KEY_ENV] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop(SWARM_KEY_ENV, None)
+    else:
+        os.environ[SWARM_KEY_ENV] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return write_llama(tmp_path_factory.mktemp("ckpt") / "tiny-llama")

@@ -24,9 +24,10 @@ from corolla.server.handlers import RequestHandler
 from corolla.server.memory_cache import MemoryCache
 from corolla.swarm.bridge import LoopThread
 from corolla.swarm.memory import InMemoryDiscovery, InMemoryNetwork
+from corolla.swarm.trust import SwarmKey
 from corolla.wire.errors import ServerBusyError
 from corolla.wire.framing import read_message, write_message
-from corolla.wire.messages import ErrorResponse, ModelRef, PingRequest, PingResponse
+from corolla.wire.messages import ErrorResponse, MemberProof, ModelRef, PingRequest, PingResponse
 from corolla.wire.records import ServerInfo, ServerState
 
 
@@ -37,13 +38,16 @@ class FakeSwarm:
         self.num_blocks = config.num_hidden_layers
         self.model = ModelRef("fake", config_hash(config))
         self.network = InMemoryNetwork()
+        #: a private swarm, as every swarm in the tests is unless a test says otherwise
+        self.swarm_key = SwarmKey(bytes(range(32)))
         self.discovery = InMemoryDiscovery()
         self.workers: list[ComputeWorker] = []
         self.stacks: dict[tuple[int, int], BlockStack] = {}
         client_options.setdefault("update_period", 3600.0)  # tests re-read records by forcing it
         bridge = LoopThread(name="fake-swarm")
         self.manager = RemoteSequenceManager(
-            ClientConfig(**client_options), self.model, self.num_blocks, self.network.transport(), self.discovery,
+            ClientConfig(**client_options), self.model, self.num_blocks, self.network.transport(swarm_key=self.swarm_key),
+            self.discovery,
             bridge,
         )  # fmt: skip
 
@@ -76,7 +80,8 @@ class FakeSwarm:
         handler = RequestHandler(
             backend, MemoryCache(cache_tokens * (end - start), alloc_timeout), self.model, lambda: record,
             inference_max_length=inference_max_length, max_batch_size=8, request_timeout=30.0, session_timeout=30.0,
-            max_message_bytes=64 * 2**20, transport=self.network.transport(caller=peer),
+            max_message_bytes=64 * 2**20, transport=self.network.transport(caller=peer, swarm_key=self.swarm_key),
+            swarm_key=self.swarm_key,
         )  # fmt: skip
         self.network.add_peer(peer, handler)
         self.discovery.servers[peer] = record
@@ -86,6 +91,8 @@ class FakeSwarm:
 
         async def handler(stream_info, reader, writer):
             request = await read_message(reader)
+            if isinstance(request, MemberProof):
+                request = await read_message(reader)
             if isinstance(request, PingRequest):
                 await write_message(writer, PingResponse(0.0))
             else:

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from corolla.cli.common import flag, setup_logging
+from corolla.cli.common import add_swarm_key_flag, check_swarm_key, flag, setup_logging
 
 logger = logging.getLogger("corolla.api")
 
@@ -37,6 +37,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
          help="multiaddrs of peers already in the swarm (what `corolla dht` printed)")  # fmt: skip
     flag(parser, "dht_prefix", default=None,
          help="name the model's servers announce (default: the repo or folder name)")  # fmt: skip
+    add_swarm_key_flag(parser)
     flag(parser, "host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     flag(parser, "port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     flag(parser, "api_key", default=None, metavar="KEY",
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> None:
     setup_logging(args.log_level)
     if not 0 < args.port < 65536:
         raise SystemExit(f"corolla api: --port must be in 1..65535, got {args.port}")
+    swarm_key = check_swarm_key("api", args.swarm_key) or ""  # "": resolved here, no second look at the env
     import uvicorn
 
     from corolla import AutoDistributedModelForCausalLM
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> None:
             args.model,
             initial_peers=args.initial_peers,
             dht_prefix=args.dht_prefix,
+            swarm_key=swarm_key,
             torch_dtype=args.torch_dtype,
             missing_blocks_timeout=args.missing_blocks_timeout,
         )

@@ -68,17 +68,41 @@ def add_network_flags(parser: argparse.ArgumentParser, client: bool = False) -> 
     flag(group, "identity_path", default=None, metavar="FILE",
          help="private key file: keeps the same peer id across restarts (created if missing)")  # fmt: skip
     flag(group, "no_nat_port_map", action="store_true", help="do not try UPnP/NAT-PMP port mapping")
+    add_swarm_key_flag(group)
     flag(parser, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+
+
+def add_swarm_key_flag(parser) -> None:
+    flag(parser, "swarm_key", default=None, metavar="FILE",
+         help="the private swarm's key file (make one with `corolla swarm-key FILE` and give it to every member): "
+         "servers refuse callers without it, records are sealed with it (default: $COROLLA_SWARM_KEY if set, "
+         "else none: an OPEN swarm that anyone who reaches a peer can join; \"\" forces open; see docs/security.md)")  # fmt: skip
+
+
+def check_swarm_key(command: str, path: str | None) -> str | None:
+    """The swarm key file to use (``path``, else $COROLLA_SWARM_KEY; None: open); exits with a clear message if
+    it is not a usable key, before anything starts."""
+    from corolla.swarm.trust import SwarmKey, SwarmKeyError, swarm_key_path
+
+    path = swarm_key_path(path)
+    if path is not None:
+        try:
+            SwarmKey.load(path)
+        except SwarmKeyError as e:
+            raise SystemExit(f"corolla {command}: {e}") from None
+    return path
 
 
 def network_config(args: argparse.Namespace, client_mode: bool = False) -> NetworkConfig:
     from corolla.swarm.config import NetworkConfig
 
+    swarm_key = check_swarm_key(getattr(args, "command", None) or "", args.swarm_key)
     return NetworkConfig(
         initial_peers=tuple(args.initial_peers),
         host_maddrs=tuple(args.host_maddrs),
         announce_maddrs=tuple(args.announce_maddrs),
         identity_path=args.identity_path,
+        swarm_key=swarm_key,
         client_mode=client_mode,
         nat_port_map=not args.no_nat_port_map,
     )

@@ -14,6 +14,7 @@ COMMANDS = {
     "health": ("corolla.cli.health", "show block coverage and the servers of models in a swarm"),
     "api": ("corolla.cli.api", "serve an OpenAI-compatible API and a web chat for a model in a swarm"),
     "monitor": ("corolla.cli.monitor", "serve a web dashboard of the swarm's health (reads only the DHT)"),
+    "swarm-key": ("corolla.cli.swarm_key", "make a private swarm's key file"),
 }
 
 

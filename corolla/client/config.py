@@ -9,6 +9,10 @@ from dataclasses import dataclass
 class ClientConfig:
     initial_peers: tuple[str, ...] = ()
     dht_prefix: str | None = None
+    #: A private swarm's key file (``corolla swarm-key``): proves membership to its servers and opens its
+    #: records. None: $COROLLA_SWARM_KEY if set, else an open swarm ("" forces open); a private swarm's servers
+    #: refuse a client without its key with NotAMemberError.
+    swarm_key: str | None = None
     #: Bounded wait for blocks that no usable server hosts before raising MissingBlocksError.
     missing_blocks_timeout: float = 60.0
     #: A step's deadline is max(step_timeout_floor, step_timeout_factor x the step time expected from the
@@ -50,8 +54,21 @@ class ClientConfig:
     activation_compression: str | None = None
     #: Served LoRA adapter for every request and session unless one names another (Petals' name); None = base.
     active_adapter: str | None = None
+    #: Catch servers that return wrong activations (corolla.client.verification): each hop's first step (the
+    #: prefill, or its first step after a failover) is re-run as a stateless forward on another server of the same
+    #: dtype and quantization, when one exists, and compared before the step's result is used; a liar is banned
+    #: and the session recomputed without it. Costs one extra forward of the prompt per hop (on a replica,
+    #: concurrently with the chain). False: no checks at all.
+    verify: bool = True
+    #: Probability that a later step of a hop is checked too. A check re-runs the hop's whole history (it covers
+    #: every earlier step), so its cost grows with the session: about fraction x length tokens of forward per step.
+    verify_fraction: float = 0.05
+    #: Largest per-token relative error accepted from a server; None: per dtype (verification.TOLERANCES).
+    verify_tolerance: float | None = None
 
     def __post_init__(self):
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
         if self.activation_compression not in (None, "int8"):
             raise ValueError(f"activation_compression must be None or 'int8', got {self.activation_compression!r}")
         # users pass lists or sets of peer ids (str or hivemind PeerID); keep them as frozensets of str

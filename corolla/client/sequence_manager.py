@@ -37,6 +37,7 @@ from corolla.swarm.discovery import DHTDiscovery, Discovery
 from corolla.swarm.node import NetworkConfig, SwarmNode
 from corolla.swarm.spans import RemoteSpanInfo, compute_spans
 from corolla.swarm.transport import P2PTransport, Transport
+from corolla.swarm.trust import swarm_key_path
 from corolla.wire.errors import MissingBlocksError, UnknownAdapterError
 from corolla.wire.messages import ModelRef, PingRequest, PingResponse
 from corolla.wire.records import WIRE_VERSION
@@ -368,7 +369,11 @@ def _swarm_parts(model_ref: str, config: Any, initial_peers, dht_prefix: str | N
     served = {k: v for k, v in config.to_dict().items() if k not in CLIENT_CONFIG_KEYS}
     model = ModelRef(dht_prefix or default_dht_prefix(model_ref), config_hash(served))
     network = NetworkConfig(
-        initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs, client_mode=True, nat_port_map=False
+        initial_peers=cfg.initial_peers,
+        host_maddrs=cfg.host_maddrs,
+        client_mode=True,
+        nat_port_map=False,
+        swarm_key=swarm_key_path(cfg.swarm_key),
     )
     bridge = LoopThread()
     try:
@@ -377,5 +382,6 @@ def _swarm_parts(model_ref: str, config: Any, initial_peers, dht_prefix: str | N
         bridge.shutdown()
         raise
     return (
-        cfg, model, config.num_hidden_layers, P2PTransport(node.p2p), DHTDiscovery(node.dht), bridge, node.shutdown
+        cfg, model, config.num_hidden_layers, P2PTransport(node.p2p, node.trust.member_proof()),
+        DHTDiscovery(node.records), bridge, node.shutdown,
     )  # fmt: skip

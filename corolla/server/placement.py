@@ -19,7 +19,7 @@ from corolla.models.quant import QUANT_BYTES_PER_WEIGHT
 from corolla.models.registry import get_family
 from corolla.server.block_selection import Span, block_throughputs, choose_best_start, quality, rebalance_target
 from corolla.server.config import ServerConfig
-from corolla.swarm.discovery import fetch_block_infos
+from corolla.swarm.discovery import RecordStore
 from corolla.swarm.spans import RemoteSpanInfo, compute_spans
 from corolla.wire.records import ServerInfo, ServerState
 
@@ -30,18 +30,26 @@ MEMORY_RESERVE = 1.5 * 2**30
 
 
 class Placement:
-    """Block placement for one server of one model (``config_hash``) in the swarm behind ``dht``."""
+    """Block placement for one server of one model (``config_hash``) in the swarm whose records ``records`` reads."""
 
     def __init__(
-        self, config: ServerConfig, dht, *, peer_id: str, dht_prefix: str, config_hash: str, model_config, dtype
+        self,
+        config: ServerConfig,
+        records: RecordStore,
+        *,
+        peer_id: str,
+        dht_prefix: str,
+        config_hash: str,
+        model_config,
+        dtype,
     ):
-        self.config, self.dht, self.peer_id = config, dht, peer_id
+        self.config, self.records, self.peer_id = config, records, peer_id
         self.dht_prefix, self.config_hash = dht_prefix, config_hash
         self.model_config, self.dtype = model_config, dtype
         self.num_model_blocks = model_config.num_hidden_layers
 
     async def swarm_spans(self, states=(ServerState.JOINING, ServerState.ONLINE)) -> dict[str, RemoteSpanInfo]:
-        infos = await fetch_block_infos(self.dht, self.dht_prefix, self.num_model_blocks)
+        infos = await self.records.block_infos(self.dht_prefix, self.num_model_blocks)
         return {
             peer: span
             for peer, span in compute_spans(infos, states).items()

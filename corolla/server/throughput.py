@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from corolla.paths import cache_dir
-from corolla.swarm.transport import call
+from corolla.swarm.transport import Transport
 from corolla.wire.messages import PingRequest, PingResponse, ProbeRequest, ProbeResponse
 
 logger = logging.getLogger(__name__)
@@ -162,14 +162,14 @@ def compute_throughput(
     return value
 
 
-async def probe_bandwidth(p2p, peers: list[str], timeout: float = 10.0) -> float:
+async def probe_bandwidth(transport: Transport, peers: list[str], timeout: float = 10.0) -> float:
     """The best bytes/s seen sending a ``PROBE_BYTES`` probe to each of ``peers`` (0.0 if none answered)."""
     payload = bytes(PROBE_BYTES)
     best = 0.0
     for peer in peers:
         t0 = time.perf_counter()
         try:
-            await call(p2p, peer, ProbeRequest(payload), ProbeResponse, timeout)
+            await transport.call(peer, ProbeRequest(payload), ProbeResponse, timeout)
         except Exception as e:
             logger.debug("Bandwidth probe to %s failed: %r", peer, e)
             continue
@@ -177,13 +177,15 @@ async def probe_bandwidth(p2p, peers: list[str], timeout: float = 10.0) -> float
     return best
 
 
-async def measure_rtts(p2p, peers: list[str], timeout: float = 2.0) -> tuple[tuple[str, float], ...]:
+async def measure_rtts(
+    transport: Transport, peers: list[str], timeout: float = 2.0
+) -> tuple[tuple[str, float], ...]:
     """(peer, seconds) of a ping to each of ``peers`` that answered in time."""
 
     async def rtt(peer: str) -> tuple[str, float] | None:
         t0 = time.perf_counter()
         try:
-            await call(p2p, peer, PingRequest(), PingResponse, timeout)
+            await transport.call(peer, PingRequest(), PingResponse, timeout)
         except Exception:
             return None
         return peer, round(time.perf_counter() - t0, 6)

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from corolla.swarm.transport import Transport
+from corolla.swarm.trust import SwarmKey
 from corolla.wire.records import ServerInfo
 
 #: ``handler(stream_info, reader, writer)``: what a server registers (``stream_info.peer_id`` is the caller).
@@ -58,9 +59,10 @@ class InMemoryNetwork:
         self._tasks.setdefault(peer_id, set())
         self._client_ends.setdefault(peer_id, set())
 
-    def transport(self, caller: str = "client") -> InMemoryTransport:
-        """A transport whose streams reach the handlers as coming from peer ``caller``."""
-        return InMemoryTransport(self, caller)
+    def transport(self, caller: str = "client", swarm_key: SwarmKey | None = None) -> InMemoryTransport:
+        """A transport whose streams reach the handlers as coming from peer ``caller`` (a member of
+        ``swarm_key``'s private swarm, if given: each stream starts with its member proof)."""
+        return InMemoryTransport(self, caller, None if swarm_key is None else swarm_key.member_proof(caller))
 
     def kill(self, peer_id: str) -> None:
         """Like SIGKILL: open streams end (EOF at the caller), new dials are refused."""
@@ -137,8 +139,9 @@ async def _pump(
 
 
 class InMemoryTransport(Transport):
-    def __init__(self, network: InMemoryNetwork, caller: str):
+    def __init__(self, network: InMemoryNetwork, caller: str, member_proof: bytes | None = None):
         self.network, self.caller = network, caller
+        self.member_proof = member_proof
 
     async def open_stream(self, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await self.network.open_stream(self.caller, peer_id)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 
 from hivemind.dht import DHTNode
 from hivemind.p2p import P2P, PeerID
 
 from corolla.swarm import reaper
 from corolla.swarm.config import NetworkConfig
+from corolla.swarm.discovery import RecordStore, RecordValidator
+from corolla.swarm.trust import PeerKey, SwarmKey, Trust, swarm_key_path
 
 logger = logging.getLogger(__name__)
 
@@ -23,38 +27,67 @@ logger = logging.getLogger(__name__)
 class SwarmNode:
     """A started P2P daemon plus DHT node. Create with :meth:`start`; call :meth:`shutdown` when done."""
 
-    def __init__(self, p2p: P2P, dht: DHTNode, config: NetworkConfig, daemon_pids: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        p2p: P2P,
+        dht: DHTNode,
+        config: NetworkConfig,
+        daemon_pids: tuple[int, ...] = (),
+        trust: Trust | None = None,
+    ):
         self.p2p = p2p
         self.dht = dht
         self.config = config
         self.daemon_pids = daemon_pids
+        #: this peer's keys; its records are signed (and sealed in a private swarm) with them
+        self.trust = trust
+        self.records = RecordStore(dht, trust) if trust is not None else None
 
     @classmethod
     async def start(cls, config: NetworkConfig) -> SwarmNode:
+        # Read before anything starts: a bad key file fails at once, with its own message.
+        key_path = swarm_key_path(config.swarm_key)
+        swarm_key = SwarmKey.load(key_path) if key_path else None
         before = set(reaper.children_named("p2pd"))
-        p2p = await P2P.create(
-            initial_peers=list(config.initial_peers) or None,
-            host_maddrs=list(config.host_maddrs),
-            announce_maddrs=list(config.announce_maddrs) or None,
-            identity_path=config.identity_path,
-            dht_mode="client" if config.client_mode else "server",
-            nat_port_map=config.nat_port_map and not _is_loopback(config.host_maddrs),
-        )
+        with tempfile.TemporaryDirectory(prefix="corolla-identity-") as tmp:
+            # The peer signs its records with its libp2p key, so Python must hold it: without an identity
+            # file of the user's, a fresh one is made for this run (the daemon reads it at start).
+            identity_path = config.identity_path or os.path.join(tmp, "identity.key")
+            if config.identity_path is None:
+                P2P.generate_identity(identity_path)
+            p2p = await P2P.create(
+                initial_peers=list(config.initial_peers) or None,
+                host_maddrs=list(config.host_maddrs),
+                announce_maddrs=list(config.announce_maddrs) or None,
+                identity_path=identity_path,
+                check_if_identity_free=config.identity_path is not None,
+                dht_mode="client" if config.client_mode else "server",
+                nat_port_map=config.nat_port_map and not _is_loopback(config.host_maddrs),
+            )
+            trust = Trust(PeerKey.from_identity_file(identity_path), swarm_key)
         daemon_pids = tuple(set(reaper.children_named("p2pd")) - before)
         for pid in daemon_pids:
             reaper.watch(pid)
         try:
+            if trust.peer_key.peer_id != p2p.peer_id.to_base58():
+                raise RuntimeError(f"p2pd runs as {p2p.peer_id}, not as its identity file's peer")
             dht = await DHTNode.create(
                 p2p=p2p,
                 initial_peers=list(config.initial_peers) or None,
                 client_mode=config.client_mode,
                 wait_timeout=config.dht_wait_timeout,
+                record_validator=RecordValidator(swarm_key),
             )
         except BaseException:
             await p2p.shutdown()
             raise
-        logger.info("Joined the swarm as %s (%s)", p2p.peer_id, "client" if config.client_mode else "DHT server")
-        return cls(p2p, dht, config, daemon_pids)
+        logger.info(
+            "Joined the swarm as %s (%s; %s)",
+            p2p.peer_id,
+            "client" if config.client_mode else "DHT server",
+            f"private swarm, key {swarm_key.fingerprint}" if swarm_key else "OPEN swarm: no swarm key",
+        )
+        return cls(p2p, dht, config, daemon_pids, trust)
 
     @property
     def peer_id(self) -> PeerID:

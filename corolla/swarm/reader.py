@@ -5,7 +5,6 @@ servers, and test fixtures. One sync object over a network thread of its own (:m
 from __future__ import annotations
 
 from corolla.swarm.bridge import LoopThread
-from corolla.swarm.discovery import fetch_block_infos, fetch_models
 from corolla.swarm.node import NetworkConfig, SwarmNode
 from corolla.wire.records import ModelRecord, ServerInfo
 
@@ -22,11 +21,21 @@ class SwarmReader:
 
     def block_infos(self, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
         """For each block, ``{peer_id: ServerInfo}`` as the DHT has it now."""
-        return self.bridge.run(fetch_block_infos(self.node.dht, dht_prefix, num_blocks), timeout=self.timeout)
+        return self.bridge.run(self.node.records.block_infos(dht_prefix, num_blocks), timeout=self.timeout)
 
     def models(self) -> list[ModelRecord]:
         """The models servers name in the swarm's model directory."""
-        return self.bridge.run(fetch_models(self.node.dht), timeout=self.timeout)
+        return self.bridge.run(self.node.records.models(), timeout=self.timeout)
+
+    @property
+    def private(self) -> bool:
+        """Whether this reader holds a swarm key (it then sees only that private swarm's records)."""
+        return self.node.trust.private
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Records skipped so far, by reason (forged, expired, not sealed with the key, ...)."""
+        return dict(self.node.records.rejected)
 
     def close(self) -> None:
         try:

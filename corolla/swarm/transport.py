@@ -21,7 +21,7 @@ from hivemind.p2p import P2P, PeerID
 
 from corolla.wire.errors import error_from_code
 from corolla.wire.framing import DEFAULT_MAX_FRAME_BYTES, read_message, write_message
-from corolla.wire.messages import ErrorResponse
+from corolla.wire.messages import ErrorResponse, MemberProof
 
 PROTOCOL = "corolla.rpc.v1"
 
@@ -61,7 +61,13 @@ class Connection:
 
 
 class Transport(ABC):
-    """Opens streams to peers; what a client (and a server probing its peers) needs of the network."""
+    """Opens streams to peers; what a client (and a server probing its peers) needs of the network.
+
+    In a private swarm ``member_proof`` is set (:meth:`corolla.swarm.trust.Trust.member_proof`) and every
+    connection sends it as its first frame; it costs no round trip (the call's first message follows it in the
+    same flush)."""
+
+    member_proof: bytes | None = None
 
     @abstractmethod
     async def open_stream(self, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -69,7 +75,10 @@ class Transport(ABC):
 
     async def connect(self, peer_id: str, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Connection:
         reader, writer = await self.open_stream(peer_id)
-        return Connection(peer_id, reader, writer, max_bytes)
+        conn = Connection(peer_id, reader, writer, max_bytes)
+        if self.member_proof is not None:
+            await conn.send(MemberProof(self.member_proof))
+        return conn
 
     async def call(self, peer_id: str, request: Any, expected: type, timeout: float, **kwargs: Any) -> Any:
         """One request, one reply, on a fresh stream, within ``timeout`` seconds."""
@@ -88,14 +97,17 @@ class Transport(ABC):
 class P2PTransport(Transport):
     """Streams through the peer's libp2p daemon (hivemind ``P2P``)."""
 
-    def __init__(self, p2p: P2P):
+    def __init__(self, p2p: P2P, member_proof: bytes | None = None):
         self.p2p = p2p
+        self.member_proof = member_proof
 
     async def open_stream(self, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
         return reader, writer
 
 
-async def call(p2p: P2P, peer_id: str, request: Any, expected: type, timeout: float, **kwargs: Any) -> Any:
+async def call(
+    p2p: P2P, peer_id: str, request: Any, expected: type, timeout: float, member_proof: bytes | None, **kwargs: Any
+) -> Any:
     """One request, one reply over ``p2p`` (servers' probes and pings); see :meth:`Transport.call`."""
-    return await P2PTransport(p2p).call(peer_id, request, expected, timeout, **kwargs)
+    return await P2PTransport(p2p, member_proof).call(peer_id, request, expected, timeout, **kwargs)

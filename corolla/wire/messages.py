@@ -287,6 +287,14 @@ class LoraReleaseResponse:
 
 
 @dataclass(frozen=True)
+class MemberProof:
+    """The first frame of every stream a member of a private swarm opens: ``HMAC(swarm key, caller's peer
+    id)`` (see :mod:`corolla.swarm.trust`). The call's own first message follows at once, in the same write."""
+
+    proof: bytes
+
+
+@dataclass(frozen=True)
 class ErrorResponse:
     """``code`` is one of :data:`corolla.wire.errors.ERROR_CLASSES`; ``message`` says what was wrong."""
 
@@ -317,6 +325,7 @@ class Kind(enum.IntEnum):
     LORA_RELEASE_RESPONSE = 33
     PROBE_REQUEST = 40
     PROBE_RESPONSE = 41
+    MEMBER_PROOF = 50
 
 
 MESSAGE_CLASSES: dict[Kind, type] = {
@@ -342,5 +351,6 @@ MESSAGE_CLASSES: dict[Kind, type] = {
     Kind.LORA_RELEASE_RESPONSE: LoraReleaseResponse,
     Kind.PROBE_REQUEST: ProbeRequest,
     Kind.PROBE_RESPONSE: ProbeResponse,
+    Kind.MEMBER_PROOF: MemberProof,
 }
 KINDS: dict[type, Kind] = {cls: kind for kind, cls in MESSAGE_CLASSES.items()}

@@ -1,8 +1,9 @@
 """Records that servers announce in the DHT: :class:`ServerInfo`, one per server and hosted block.
 
-The record is packed with the same typed codec as the messages (no pickle, no free-form dicts) and
-stored as bytes under the key ``"{dht_prefix}.{block}"`` with the server's peer id as subkey. A
-reader validates it on the way in and skips records that do not decode.
+The record is packed with the same typed codec as the messages (no pickle, no free-form dicts), wrapped
+in a :class:`RecordClaim` signed by its writer (:class:`SignedRecord`; sealed with the swarm key in a
+private swarm, see :mod:`corolla.swarm.trust`) and stored under the key ``"{dht_prefix}.{block}"`` with the
+server's peer id as subkey. A reader checks the signature, place and expiry, and skips what fails.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import enum
 from dataclasses import dataclass, field
 
 #: 2: probe, training, adapter and LoRA messages; 3: server-to-server push of inference steps; 4: beam reordering
-#: (hypo_ids) in inference steps
-WIRE_VERSION = 4
+#: (hypo_ids) in inference steps; 5: signed records, member proofs of private swarms
+WIRE_VERSION = 5
 MAX_RECORD_BYTES = 16 * 1024
 
 
@@ -56,6 +57,30 @@ class ServerInfo:
     network_throughput: float = 0.0
     #: sessions per inference batch on average since the last announcement (0: idle, or batching off)
     batch_sessions: float = 0.0
+
+
+@dataclass(frozen=True)
+class RecordClaim:
+    """What a record's writer signs: the record (``body``, a packed ``ServerInfo``, ``ModelRecord``, ...), where
+    it is stored (so it cannot be moved to another key or subkey), whose it is (``owner``: a server's peer id,
+    which must be the signer's; "" for records any member may write) and until when it holds."""
+
+    kind: str
+    dht_key: str
+    dht_subkey: str
+    owner: str
+    expiration: float
+    body: bytes
+
+
+@dataclass(frozen=True)
+class SignedRecord:
+    """A packed :class:`RecordClaim`, the writer's public key (its peer id is derived from it) and its
+    signature of ``claim``. This is the DHT value (sealed with the swarm key in a private swarm)."""
+
+    claim: bytes
+    public_key: bytes
+    signature: bytes
 
 
 #: The one well-known DHT key under which every server also names its model (subkey: the DHT prefix), so

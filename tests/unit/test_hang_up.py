@@ -78,7 +78,7 @@ def test_a_refused_push_ends_its_stream_at_once(swarm):
     for the pusher to hang up would swallow its next pushes instead of making it open a new stream)."""
 
     async def refused_push():
-        conn = await swarm.network.transport("a").connect("b")
+        conn = await swarm.network.transport("a", swarm_key=swarm.swarm_key).connect("b")
         try:
             step = PushedStep(os.urandom(16), os.urandom(16), 1, 0, torch.randn(1, 1, 64), torch.zeros(1, 1, dtype=torch.long),
                               torch.ones(1, 1, dtype=torch.bool))  # fmt: skip

@@ -119,7 +119,7 @@ def _open(swarm, peer, session_id, token):
     """A client's session on ``peer`` (blocks 3..6), opened by hand; returns its connection."""
 
     async def run():
-        conn = await swarm.network.transport().connect(peer, 2**24)
+        conn = await swarm.network.transport(swarm_key=swarm.swarm_key).connect(peer, 2**24)
         await conn.send(InferenceOpen(swarm.model, 3, 6, 16, 1, "", session_id, token))
         await conn.recv(InferenceOpened)
         return conn
@@ -137,7 +137,7 @@ def test_bad_pushes_are_refused_and_change_no_cache(make_swarm):
 
     def push(step: PushedStep) -> str:
         async def run():
-            pusher = await swarm.network.transport("intruder").connect("b", 2**24)
+            pusher = await swarm.network.transport("intruder", swarm_key=swarm.swarm_key).connect("b", 2**24)
             await pusher.send(step)
             try:
                 await pusher.recv()
