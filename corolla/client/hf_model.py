@@ -232,6 +232,13 @@ class DistributedPreTrainedModel(PreTrainedModel):
         return self.model.layers.chain
 
     @property
+    def verification_stats(self) -> dict:
+        """This client's checks of servers' outputs: checks, detections, reports (`corolla.client.verification`)."""
+        from corolla.client.verification import verification_stats
+
+        return verification_stats(self.chain)
+
+    @property
     def transformer(self) -> RemoteDecoderModel:
         """`model.model` under the name BLOOM's and Falcon's classes (and Petals scripts) use."""
         return self.model

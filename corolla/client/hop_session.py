@@ -29,6 +29,9 @@ class HopSession:
         #: the server's InferenceOpened, awaited before the first step's result (the open rides with it)
         self.opened: asyncio.Future | None = None
         self.history: list[torch.Tensor] = []
+        #: the hop's outputs, step by step, kept while the session verifies (see corolla.client.verification)
+        self.outputs: list[torch.Tensor] = []
+        self.checks = 0  # checks of this hop started so far (its first step is always checked)
         self.broken = False  # failed: replace it (replaying its history) before its next step
         self.accepts_push = True  # False after a push into it was late or lost: the client relays to it
         self.token_time = expected_token_time  # EMA of seconds per token in multi-token steps

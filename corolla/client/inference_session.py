@@ -17,6 +17,12 @@ What the session carries besides hidden states: the served ``adapter`` it was op
 (:class:`~corolla.client.chain.ChainExtras`: uploaded to each server before its session opens, and named
 as the session's adapter).
 
+Verification (:mod:`corolla.client.verification`, ``ClientConfig.verify``): each hop's first step, and later
+steps with probability ``verify_fraction``, are checked by a stateless forward of the hop's whole input history
+on other servers, started as soon as the hop's input is known and finished before the step returns. A hop
+caught returning wrong activations is banned, and the session recomputes from the first position that
+differed (the liar's blocks replayed on other servers, the hops after it sent the corrected inputs again).
+
 Deadlines: a step's deadline is ``max(floor, factor x expected step time)``, the expectation coming
 from this hop's measured steps (or the server's announced latency before any). A missed deadline
 alone does not condemn a server: it is pinged, and only a failed ping bans it; a slow but live server
@@ -38,8 +44,9 @@ from corolla.client.chain import NO_EXTRAS, ChainExtras, ChainSession, RouteHop
 from corolla.client.failure_policy import blame
 from corolla.client.hop_session import HopSession, UnresponsiveServerError
 from corolla.client.routing import DEFAULT_LATENCY, DEFAULT_RTT, Hop, format_route
+from corolla.client.verification import Check, Finding, verifier_for
 from corolla.models.deep_prompts import prompt_overlap
-from corolla.wire.errors import SessionLengthError
+from corolla.wire.errors import ChainFailedError, SessionLengthError
 from corolla.wire.messages import (
     InferenceOpen,
     InferenceOpened,
@@ -89,6 +96,12 @@ class InferenceSession(ChainSession):
         self._step_ids = itertools.count(1)
         #: hops whose input of the current step came pushed by the previous server (relayed if late)
         self.relayed_pushes = 0
+        #: checks of the hops' outputs; None when off, or when a stateless forward cannot redo the session's steps
+        #: (deep prompts, the client's own LoRA): such sessions are counted unverifiable once
+        self._verifier = verifier_for(manager) if manager.config.verify else None
+        if self._verifier is not None and (prompts is not None or extras is not NO_EXTRAS):
+            self._verifier.stats.unverifiable += 1
+            self._verifier = None
 
     @property
     def position(self) -> int:
@@ -112,6 +125,7 @@ class InferenceSession(ChainSession):
         self._masks = _cut(self._masks, position)
         for hop in self._hops:
             hop.history = _cut(hop.history, position)
+            hop.outputs = _cut(hop.outputs, position) if hop.outputs else []
         self._position = position
 
     def step(
@@ -152,33 +166,107 @@ class InferenceSession(ChainSession):
         positions: torch.Tensor,
         mask: torch.Tensor,
         hypo_ids: torch.Tensor | None = None,
+        redo: int = 0,
     ) -> torch.Tensor:
         """One step through every hop. With ``hypo_ids`` each server reorders its cache rows first; the
         client's own record of the inputs (what a failover replays) is reordered only once the step is done,
         so a server that replaces a failed one mid-step is replayed in the old order and reorders like the
-        others."""
+        others. Checks of the hops (verification) run beside the chain and are judged before returning."""
         if not self._hops:
             self._batch_size = hidden.shape[0]
             self._hops = await self._open_chain(self.start, self.end, None)
-        x, i, step_id, inputs = hidden, 0, next(self._step_ids), []
+        x, i, step_id, inputs, outputs = hidden, 0, next(self._step_ids), [], []
         push = self._push_allowed(hidden.shape[1])
-        while i < len(self._hops):
-            pushed = push and i > 0 and self._hops[i].accepts_push
-            attempt = functools.partial(self._hop_attempt, i, x, positions, mask, step_id, push, pushed, hypo_ids)
-            y = await self.manager.policy.retry(attempt, self.extras.recover)
-            inputs.append(x)
-            x, i = y, i + 1
+        checks: list[tuple[HopSession, Check]] = []
+        try:
+            while i < len(self._hops):
+                pushed = push and i > 0 and self._hops[i].accepts_push
+                hop = self._hops[i]
+                check = self._start_check(hop, x, positions, mask, hypo_ids)
+                if check is not None:
+                    checks.append((hop, check))
+                attempt = functools.partial(
+                    self._hop_attempt, i, x, positions, mask, step_id, push, pushed, hypo_ids
+                )
+                y = await self.manager.policy.retry(attempt, self.extras.recover)
+                if self._hops[i] is not hop:  # replaced by failover: the check was of the old server
+                    if check is not None:
+                        check.reference.cancel()
+                        checks.pop()
+                    check = self._start_check(self._hops[i], x, positions, mask, hypo_ids)
+                    if check is not None:
+                        checks.append((self._hops[i], check))
+                inputs.append(x)
+                outputs.append(y)
+                x, i = y, i + 1
+            self._commit(inputs, outputs, positions, mask, hypo_ids)
+            findings = await self._judge(checks)
+        finally:
+            for _, check in checks:
+                check.reference.cancel()
+        if findings:
+            return await self._recompute(findings, hidden.shape[1], redo)
+        return x.to(hidden.dtype)
+
+    def _commit(self, inputs, outputs, positions, mask, hypo_ids) -> None:
+        """Record a step that every hop answered: each hop's input (and output, when verifying), positions, mask."""
         if hypo_ids is not None:
             self._positions = [p[hypo_ids] for p in self._positions]
             self._masks = [m[hypo_ids] for m in self._masks]
-        for hop, hop_input in zip(self._hops, inputs, strict=True):
+        for hop, hop_input, hop_output in zip(self._hops, inputs, outputs, strict=True):
             if hypo_ids is not None:
                 hop.history = [h[hypo_ids] for h in hop.history]
+                hop.outputs = [o[hypo_ids] for o in hop.outputs]
             hop.history.append(hop_input)
+            if self._verifier is not None:
+                hop.outputs.append(hop_output)
         self._positions.append(positions)
         self._masks.append(mask)
-        self._position += hidden.shape[1]
-        return x.to(hidden.dtype)
+        self._position += inputs[0].shape[1]
+
+    def _start_check(self, hop: HopSession, x, positions, mask, hypo_ids) -> Check | None:
+        """Start checking ``hop`` (its whole input so far and this step's ``x``) if this step of it is due."""
+        verifier = self._verifier
+        if verifier is None or not verifier.due(hop.checks):
+            return None
+        hop.checks += 1
+        compression = INT8_ROWWISE if self.manager.config.activation_compression == "int8" else None
+        return verifier.start(
+            hop.hop, _joined(hop.history, x, hypo_ids), _joined(self._positions, positions, hypo_ids),
+            _joined(self._masks, mask, hypo_ids), compression, self.route_adapter, self._await_alive,
+        )  # fmt: skip
+
+    async def _judge(self, checks: list[tuple[HopSession, Check]]) -> list[Finding]:
+        """Each checked hop's outputs (this step's included) against its reference; the hops caught lying."""
+        if not checks:
+            return []
+        verdicts = await asyncio.gather(
+            *(
+                self._verifier.judge(c, torch.cat(h.outputs, dim=1), self.route_adapter, self._await_alive)
+                for h, c in checks
+            )
+        )
+        return [f for f in verdicts if f is not None]
+
+    async def _recompute(self, findings: list[Finding], tokens: int, redo: int) -> torch.Tensor:
+        """After hops were caught lying (and banned): recompute from the first position that differed, the liars'
+        blocks on other servers (replayed up to there), every hop after them from there on (servers overwrite
+        their caches); returns this step's ``tokens`` outputs."""
+        if redo >= (self.manager.config.max_retries or 16):
+            raise ChainFailedError(f"gave up after {redo} recomputations over servers returning wrong activations")
+        start = min(f.first_position for f in findings)
+        liars = {f.peer for f in findings}
+        for hop in self._hops:
+            if hop.hop.peer_id in liars:
+                hop.broken = True
+                hop.close()
+        hidden = torch.cat(self._hops[0].history, dim=1)[:, start:]
+        positions = torch.cat(self._positions, dim=1)[:, start:]
+        mask = torch.cat(self._masks, dim=1)[:, start:]
+        self._verifier.stats.recomputed_tokens += hidden.shape[1]
+        logger.info("Recomputing the session from position %d without %s", start, ", ".join(sorted(liars)))
+        self.rewind(start)
+        return (await self._step(hidden, positions, mask, None, redo + 1))[:, -tokens:]
 
     def _push_allowed(self, tokens: int) -> bool:
         """Whether this step goes server to server: push on, several hops, no deep prompts in this step."""
@@ -236,7 +324,7 @@ class InferenceSession(ChainSession):
                     hop.accepts_push = False
                     t0 = time.perf_counter()
                     await self._send_step(hop, message)
-            output = await self._await_alive(hop, result, hop.expected(tokens))
+            output = await self._await_alive(hop.hop.peer_id, result, hop.expected(tokens))
         finally:
             if not result.done():
                 result.cancel()
@@ -267,7 +355,7 @@ class InferenceSession(ChainSession):
         prompts = self.prompts[hop.start : hop.end].to(x.dtype).contiguous()
         return InferencePromptStep(offset, x, positions, mask, prompts, step_id)
 
-    async def _await_alive(self, hop: HopSession, coro, expected: float):
+    async def _await_alive(self, peer: str, coro, expected: float):
         """Await ``coro``; past each deadline, ping the server and give up only if it does not answer.
 
         A busy server (many sessions batched, a long queue) is slow, not dead: its pings are answered off its
@@ -277,7 +365,7 @@ class InferenceSession(ChainSession):
         cfg = self.manager.config
         task = asyncio.ensure_future(coro)
         deadline = max(cfg.step_timeout_floor, cfg.step_timeout_factor * expected)
-        waited, peer = 0.0, hop.hop.peer_id
+        waited = 0.0
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=deadline)
@@ -326,6 +414,8 @@ class InferenceSession(ChainSession):
                     await self._confirm_open(session)
                     y = await self._replay(session, x)
                     session.history = [x]
+                    if self._verifier is not None:
+                        session.outputs = [y]
                     x = y
         except BaseException:
             for session in opened:
@@ -366,7 +456,7 @@ class InferenceSession(ChainSession):
             conn.close()
             raise
         session.opened = asyncio.ensure_future(
-            self._await_alive(session, conn.recv(InferenceOpened), expected + rtt)
+            self._await_alive(hop.peer_id, conn.recv(InferenceOpened), expected + rtt)
         )
         return session
 
@@ -391,7 +481,7 @@ class InferenceSession(ChainSession):
                 session.compression,
             )
             expected = session.expected(x[:, sl].shape[1])
-            result = await self._await_alive(session, session.conn.recv(InferenceStepResult), expected)
+            result = await self._await_alive(session.hop.peer_id, session.conn.recv(InferenceStepResult), expected)
             outputs.append(result.hidden.to(x.dtype))
         return torch.cat(outputs, dim=1)
 
@@ -402,6 +492,13 @@ class InferenceSession(ChainSession):
         for hop in self._hops:
             self.manager.bridge.loop.call_soon_threadsafe(hop.close)
         self._hops = []
+
+
+def _joined(steps: list[torch.Tensor], last: torch.Tensor, hypo_ids: torch.Tensor | None) -> torch.Tensor:
+    """Earlier steps (reordered by ``hypo_ids``, as the servers' caches are) and this step's, along dim 1."""
+    if hypo_ids is not None:
+        steps = [s[hypo_ids] for s in steps]
+    return torch.cat([*steps, last], dim=1)
 
 
 def _cut(steps: list[torch.Tensor], length: int) -> list[torch.Tensor]:
