@@ -131,14 +131,14 @@ def _start_swarm(swarm: LocalSwarm, args: argparse.Namespace, model: str) -> lis
     return peers
 
 
-def _load_client(model_ref: str, peers: list[str], args: argparse.Namespace):
+def _load_client(model_ref: str, peers: list[str], args: argparse.Namespace, swarm_key: str):
     from corolla.client.model import AutoDistributedModelForCausalLM
     from corolla.models.gguf import load_tokenizer
 
     say("Loading the client (embeddings and LM head) and the tokenizer")
     tokenizer = load_tokenizer(model_ref)
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        model_ref, initial_peers=peers, torch_dtype=args.torch_dtype
+        model_ref, initial_peers=peers, torch_dtype=args.torch_dtype, swarm_key=swarm_key
     )
     return model, tokenizer
 
@@ -178,7 +178,7 @@ def _run_demo(args: argparse.Namespace, log_dir: Path) -> None:
     swarm = LocalSwarm(log_dir, env={"TOKENIZERS_PARALLELISM": "false"})
     try:
         peers = _start_swarm(swarm, args, model_ref)
-        model, tokenizer = _load_client(model_ref, peers, args)
+        model, tokenizer = _load_client(model_ref, peers, args, swarm.swarm_key)
         try:
             say(f"Route: {model.show_route()}")
             Chat(model, tokenizer, args).run(interactive=sys.stdin.isatty())

@@ -115,9 +115,23 @@ def snapshot(reader: SwarmReader, models: list[ModelRef] | None, as_json: bool =
     from corolla.monitor.state import swarm_json
 
     states = read_models(reader, models)
+    trust = reader.trust_json()
     if as_json:
-        return json.dumps(swarm_json(states, updated_at=time.time()), allow_nan=False) + "\n"
-    return format_health(states)
+        return json.dumps(swarm_json(states, updated_at=time.time(), swarm=trust), allow_nan=False) + "\n"
+    return format_trust(trust) + format_health(states)
+
+
+def format_trust(trust: dict) -> str:
+    """The swarm's line: private (by which key) or open, and the records ignored as invalid."""
+    if trust["private"]:
+        line = f"swarm: private (key {trust['key']}): only members can call its servers and read its records"
+    else:
+        line = "swarm: OPEN: anyone who reaches a peer can join, read these records and call these servers"
+    ignored = trust["ignored_records"]
+    if ignored:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(ignored.items()))
+        line += f"\nignored {sum(ignored.values())} invalid record(s): {reasons}"
+    return line + "\n\n"
 
 
 def watch(reader: SwarmReader, models: list[ModelRef] | None, period: float, as_json: bool = False) -> None:

@@ -13,6 +13,8 @@ Decisions:
   flags a user would type, bound to 127.0.0.1 on random ports (`/tcp/0`), so nothing collides with
   another swarm and nothing is reachable from outside. The bootstrap peer's first stdout line is its
   multiaddr; every log goes to a file in `log_dir` (the tail is shown when a process dies early).
+- **Private.** A swarm key is made in `log_dir` (`swarm.key`) and every process gets it: nothing else on the
+  machine can call the servers or read the records (`swarm_key` is the path for the caller's client).
 - **Own process groups.** Every subprocess starts in its own session (`start_new_session=True`), so a
   Ctrl-C in the terminal reaches only the demo, which then stops them in order: `close` sends SIGTERM to
   each main process (servers first), waits, and SIGKILLs whatever is left of each group (p2pd included).
@@ -77,8 +79,16 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 class LocalSwarm:
     def __init__(self, log_dir: Path, env: dict[str, str] | None = None, python: str = sys.executable):
+        from corolla.swarm.trust import SWARM_KEY_ENV, SwarmKey
+
         self.log_dir, self.python = Path(log_dir), python
-        self.env = {**os.environ, **(env or {})}
+        # A private swarm: its key lives with the logs, and every process started here (and the caller's
+        # client, given ``swarm_key``) is a member; nothing else on the machine can call its servers.
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.swarm_key = str(self.log_dir / "swarm.key")
+        if not os.path.exists(self.swarm_key):
+            SwarmKey.generate(self.swarm_key)
+        self.env = {**os.environ, **(env or {}), SWARM_KEY_ENV: self.swarm_key}
         self.procs: dict[str, subprocess.Popen] = {}
         self.initial_peers: list[str] = []
 
@@ -140,7 +150,7 @@ class LocalSwarm:
 
         servers = {name for name in self.procs if name != "dht"}
         config = NetworkConfig(initial_peers=tuple(self.initial_peers), host_maddrs=(LOOPBACK,),
-                               client_mode=True, nat_port_map=False)  # fmt: skip
+                               client_mode=True, nat_port_map=False, swarm_key=self.swarm_key)  # fmt: skip
         with SwarmReader(config, name="corolla-local-swarm") as reader:
             self._poll_online(reader, servers, dht_prefix, num_blocks, timeout, progress)
 

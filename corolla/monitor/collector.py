@@ -96,6 +96,7 @@ class StateCollector:
             served_at=time.time(),
             refresh_seconds=self.period,
             error=error,
+            swarm=self.reader.trust_json(),
         )
 
     def _loop(self) -> None:

@@ -42,6 +42,8 @@ class SwarmNode:
         #: this peer's keys; its records are signed (and sealed in a private swarm) with them
         self.trust = trust
         self.records = RecordStore(dht, trust) if trust is not None else None
+        #: the DHT node's record validator (its ``refused`` counts invalid values it dropped)
+        self.validator: RecordValidator | None = None
 
     @classmethod
     async def start(cls, config: NetworkConfig) -> SwarmNode:
@@ -65,6 +67,7 @@ class SwarmNode:
                 nat_port_map=config.nat_port_map and not _is_loopback(config.host_maddrs),
             )
             trust = Trust(PeerKey.from_identity_file(identity_path), swarm_key)
+        validator = RecordValidator(swarm_key)
         daemon_pids = tuple(set(reaper.children_named("p2pd")) - before)
         for pid in daemon_pids:
             reaper.watch(pid)
@@ -76,7 +79,7 @@ class SwarmNode:
                 initial_peers=list(config.initial_peers) or None,
                 client_mode=config.client_mode,
                 wait_timeout=config.dht_wait_timeout,
-                record_validator=RecordValidator(swarm_key),
+                record_validator=validator,
             )
         except BaseException:
             await p2p.shutdown()
@@ -87,7 +90,9 @@ class SwarmNode:
             "client" if config.client_mode else "DHT server",
             f"private swarm, key {swarm_key.fingerprint}" if swarm_key else "OPEN swarm: no swarm key",
         )
-        return cls(p2p, dht, config, daemon_pids, trust)
+        node = cls(p2p, dht, config, daemon_pids, trust)
+        node.validator = validator
+        return node
 
     @property
     def peer_id(self) -> PeerID:

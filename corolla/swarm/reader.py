@@ -34,8 +34,21 @@ class SwarmReader:
 
     @property
     def rejected(self) -> dict[str, int]:
-        """Records skipped so far, by reason (forged, expired, not sealed with the key, ...)."""
-        return dict(self.node.records.rejected)
+        """Records ignored so far, by reason (forged, expired, not sealed with the key, ...; ``refused_by_dht``:
+        values our DHT node dropped from lookups before they reached us)."""
+        out = dict(self.node.records.rejected)
+        if self.node.validator.refused:
+            out["refused_by_dht"] = self.node.validator.refused
+        return out
+
+    def trust_json(self) -> dict:
+        """Whether the swarm read is private (and by which key) and what was ignored: for health views."""
+        key = self.node.trust.swarm_key
+        return {
+            "private": key is not None,
+            "key": key.fingerprint if key else None,
+            "ignored_records": self.rejected,
+        }
 
     def close(self) -> None:
         try:

@@ -33,6 +33,9 @@ class FakeReader:
             raise self.failure
         return [{p: i for p, i in self.servers.items() if i.start <= b < i.end} for b in range(num_blocks)]
 
+    def trust_json(self) -> dict:
+        return {"private": True, "key": "0123abcd", "ignored_records": {"forged": 1}}
+
 
 def two_servers(b_state: ServerState = ServerState.ONLINE) -> dict[str, ServerInfo]:
     return {
@@ -55,6 +58,7 @@ def test_collector_reads_every_model_and_logs_changes(caplog):
     state = collector.latest()
     assert [m["dht_prefix"] for m in state["models"]] == ["m", "other"]
     assert state["models"][0]["gaps"] == [4, 5, 6, 7] and state["error"] is None
+    assert state["swarm"] == {"private": True, "key": "0123abcd", "ignored_records": {"forged": 1}}
     assert state["updated_at"] is not None and state["served_at"] >= state["updated_at"]
     messages = [r.getMessage() for r in caplog.records]
     assert "m: 2 servers (2 online)" in messages
