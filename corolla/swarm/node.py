@@ -84,11 +84,13 @@ class SwarmNode:
         except BaseException:
             await p2p.shutdown()
             raise
-        logger.info(
+        (logger.info if swarm_key or config.client_mode else logger.warning)(
             "Joined the swarm as %s (%s; %s)",
             p2p.peer_id,
             "client" if config.client_mode else "DHT server",
-            f"private swarm, key {swarm_key.fingerprint}" if swarm_key else "OPEN swarm: no swarm key",
+            f"private swarm, key {swarm_key.fingerprint}"
+            if swarm_key
+            else "OPEN swarm: no swarm key, anyone who reaches this peer can join and call it",
         )
         node = cls(p2p, dht, config, daemon_pids, trust)
         node.validator = validator
