@@ -138,8 +138,10 @@ def main(argv=None) -> None:
             swarm.start_dht()
             servers: dict[str, list] = {}
             for mode in MODES:
+                # this one client plays every user: no bound on its sessions
                 extra = ("--batching", mode, "--max_batch_tokens", str(args.max_batch_tokens),
-                         "--inference_max_length", str(args.prefill + args.steps), "--balance_period", "0")  # fmt: skip
+                         "--inference_max_length", str(args.prefill + args.steps), "--balance_period", "0",
+                         "--max_client_sessions", "0")  # fmt: skip
                 servers[mode] = [
                     swarm.start_server(f"{mode}-{i}", ckpt, span, f"bench-batching-{mode}", extra=extra)
                     for i, span in enumerate((f"0:{half}", f"{half}:{blocks}"))

@@ -206,7 +206,7 @@ async def fuzz(transport, peer: str, model, hidden_size: int, frames: int, seed:
     import torch
 
     from corolla.wire.framing import encode_frame, read_message
-    from corolla.wire.messages import ErrorResponse, InferenceOpen, InferenceOpened, InferenceStep
+    from corolla.wire.messages import ErrorResponse, InferenceOpen, InferenceOpened, InferenceStep, MemberProof
 
     maker = FrameMaker(random.Random(seed), model, hidden_size)
     outcomes: Counter[str] = Counter()
@@ -223,6 +223,8 @@ async def fuzz(transport, peer: str, model, hidden_size: int, frames: int, seed:
     async def exchange(batch: list[tuple[bytes, bool]], open_session: bool) -> None:
         reader, writer = await transport.open_stream(peer)
         try:
+            if transport.member_proof is not None:  # a private swarm: fuzz past the membership check
+                writer.write(encode_frame(MemberProof(transport.member_proof)))
             if open_session:
                 writer.write(encode_frame(InferenceOpen(model, 0, 1, 8, 1)))
                 opened = await asyncio.wait_for(read_message(reader), HANG_SECONDS)

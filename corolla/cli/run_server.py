@@ -7,7 +7,7 @@ import logging
 import sys
 
 from corolla.cli.common import add_network_flags, flag, network_config, run_until_signal, setup_logging
-from corolla.server.config import CacheConfig, ServerConfig
+from corolla.server.config import CacheConfig, LimitsConfig, ServerConfig
 
 
 def _block_range(text: str) -> tuple[int, int]:
@@ -90,6 +90,18 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
               "adapters) (default: %(default)s)")  # fmt: skip
     flag(parser, "client_adapter_ttl", type=float, default=600,
          help="seconds an unused client adapter is kept before it is dropped (default: %(default)s)")  # fmt: skip
+    limits = parser.add_argument_group("limits per client (peer id); beyond them a request is refused at once")
+    flag(limits, "max_client_cache_share", type=float, default=0.5,
+         help="share of the KV-cache budget one client's sessions may hold or wait for (0 < share <= 1; "
+              "1 = no share of its own)")  # fmt: skip
+    flag(limits, "max_client_sessions", type=int, default=32,
+         help="inference sessions one client may have open or waiting for cache here (0 = no bound)")  # fmt: skip
+    flag(limits, "max_client_jobs", type=int, default=64,
+         help="compute jobs (inference steps, forwards, backwards) one client may have waiting or running; "
+              "clients with waiting jobs take turns job by job (0 = no bound)")  # fmt: skip
+    flag(limits, "max_client_calls", type=int, default=128,
+         help="calls (streams) one client may have open here, from its first byte until it hangs up; push "
+              "streams from other servers count per session instead (0 = no bound)")  # fmt: skip
     add_network_flags(parser)
     return parser
 
@@ -104,6 +116,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=model,
         network=network_config(args),
         cache=CacheConfig(attn_cache_tokens=args.attn_cache_tokens, max_alloc_timeout=args.max_alloc_timeout),
+        limits=LimitsConfig(
+            max_client_cache_share=args.max_client_cache_share,
+            max_client_sessions=args.max_client_sessions,
+            max_client_jobs=args.max_client_jobs,
+            max_client_calls=args.max_client_calls,
+        ),
         block_indices=args.block_indices,
         num_blocks=args.num_blocks,
         dht_prefix=args.dht_prefix,

@@ -6,7 +6,10 @@ raises :class:`PeerFailure` naming the server that failed (``async with blame(pe
 classifies the error:
 
 - **fatal** (the caller's to fix: a bad request, a session over its length, a full cache, missing
-  blocks, a client adapter over the server's limit) propagates at once, as its own type, and bans no one;
+  blocks, a client adapter over the server's limit, a client over its per-client share of a server's
+  sessions or KV cache, ``ClientLimitError``: the client holds those itself, so it is told rather than
+  spread over other servers, and the server is not at fault) propagates at once, as its own type, and
+  bans no one;
 - **recoverable by the caller** (``recover(peer, error)`` returns True: e.g. a server that lost a
   client's LoRA upload gets it again) counts a retry without a ban;
 - anything else (EOF from a dead server, a missed deadline and a failed ping, an error answer) bans the
@@ -31,6 +34,7 @@ from corolla.wire.errors import (
     BadRequestError,
     CacheFullError,
     ChainFailedError,
+    ClientLimitError,
     MissingBlocksError,
     SessionLengthError,
 )
@@ -41,7 +45,8 @@ T = TypeVar("T")
 
 #: Errors that are the caller's to fix: never retried on another server.
 FATAL_ERRORS = (
-    BadRequestError, SessionLengthError, CacheFullError, MissingBlocksError, ChainFailedError, AdapterLimitError
+    BadRequestError, SessionLengthError, CacheFullError, MissingBlocksError, ChainFailedError, AdapterLimitError,
+    ClientLimitError,
 )  # fmt: skip
 
 

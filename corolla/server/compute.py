@@ -22,7 +22,15 @@ batch is re-run alone, so only its own session sees the error. With batching off
 time, whole, in arrival order (the behaviour before batching).
 
 Priorities: inference (steps, and other inference jobs such as deep-prompt steps) before forward and
-backward passes (lower number = sooner); equal priorities run in arrival order, so no session starves.
+backward passes (lower number = sooner). Within a priority, **fair queueing across clients**: each job is
+tagged with its client's turn (start-time fair queueing at one unit per job: a client's jobs get
+consecutive turns counted from the current one), and the worker takes the lowest turn, then arrival order.
+Clients with waiting work thus take turns job by job, and one client's flood delays another's job by about
+one job per busy client, not by the whole flood; with one client the order is arrival order, as before.
+The client is the peer whose call submits the job (:data:`current_client`, set by the request handler);
+batching is unchanged (a batch is still the first step's group, short steps first), only which step comes
+first and, among equally long steps, who goes first follow the turns. Each client may have at most
+``max_client_jobs`` jobs waiting or running; one more is refused at once with ``ServerBusyError``.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ import torch
 
 from corolla.models.lora import active_adapter
 from corolla.models.session import KVSession, SessionStep, step_sessions
+from corolla.server.client_limits import PeerCounter
+from corolla.wire.errors import ServerBusyError
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +63,33 @@ PRIORITY_FORWARD = 10
 DEFAULT_MAX_BATCH_TOKENS = 256
 #: longest a waiting step is held back for other sessions' steps to join its batch (see _gather_wait)
 MAX_GATHER_WAIT = 0.1
+#: default bound on one client's jobs waiting or running (see ComputeWorker)
+DEFAULT_MAX_CLIENT_JOBS = 64
+
+#: The peer whose call submits compute jobs, for fair queueing and its job bound; set by the request handler
+#: for each call. None: the server's own work (measurements), neither counted nor bounded.
+current_client: contextvars.ContextVar[str | None] = contextvars.ContextVar("corolla_client", default=None)
+
+
+class _Turns:
+    """Start-time fair queueing with one unit per job, for one priority: each client's jobs get consecutive
+    turns starting at the current turn (``now``, the turn of the last job taken), so that taking jobs by
+    lowest turn serves the clients with waiting work round-robin, and a client that starts waiting goes next
+    round, not after everyone's backlog."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self._next: dict[str | None, int] = {}  # client -> its next turn (only clients ahead of ``now``)
+
+    def turn(self, client: str | None) -> int:
+        turn = max(self.now, self._next.get(client, 0))
+        self._next[client] = turn + 1
+        return turn
+
+    def taken(self, turn: int) -> None:
+        if turn > self.now:
+            self.now = turn
+            self._next = {c: t for c, t in self._next.items() if t > turn}  # the others start from now anyway
 
 
 @dataclass(eq=False)
@@ -60,6 +97,7 @@ class _StepJob:
     """A session's step waiting for (or part-way through) the batches that compute it."""
 
     seq: int
+    turn: int
     queued_at: float
     context: contextvars.Context
     group: Hashable
@@ -79,6 +117,10 @@ class _StepJob:
     @property
     def tokens(self) -> int:  # still to compute
         return self.hidden.shape[1]
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return self.turn, self.seq
 
 
 @dataclass
@@ -100,14 +142,23 @@ class ComputeWorker:
         batching: bool = True,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         max_gather_wait: float = MAX_GATHER_WAIT,
+        max_client_jobs: int = DEFAULT_MAX_CLIENT_JOBS,
     ):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.batching, self.max_batch_tokens, self.max_gather_wait = batching, max_batch_tokens, max_gather_wait
         self._cond = threading.Condition()
-        self._jobs: list[tuple] = []  # heap of (priority, seq, fn, args, loop, future)
-        self._steps: collections.deque[_StepJob] = collections.deque()
+        self._jobs: list[tuple] = []  # heap of (priority, turn, seq, fn, args, loop, future)
+        self._steps: list[_StepJob] = []  # in arrival order; taken by turn (see _first_step)
         self._seq = itertools.count()
+        self._turns: dict[int, _Turns] = collections.defaultdict(_Turns)  # priority -> its clients' turns
+        self._client_jobs = PeerCounter(
+            max_client_jobs,
+            lambda held, limit: ServerBusyError(
+                f"this client has {held} compute jobs waiting or running here, the most one client may have "
+                f"(--max_client_jobs {limit}); wait for them to finish"
+            ),
+        )
         self._stopping = False
         self._stats = BatchStats()
         #: (group, session id) -> (the session, while open; when it last submitted a step);
@@ -127,27 +178,48 @@ class ComputeWorker:
             stats, self._stats = self._stats, BatchStats()
         return stats
 
+    def client_jobs(self, client: str) -> int:
+        """The client's jobs waiting or running now."""
+        return self._client_jobs.held(client)
+
     async def submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the compute thread, alone."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         context = contextvars.copy_context()
-        with self._cond:
-            heapq.heappush(self._jobs, (priority, next(self._seq), context.run, (fn, *args), loop, future))
-            self._cond.notify()
-        return await future
+        client = context.run(current_client.get)
+        with self._client_jobs.acquire(client):  # refused at once when the client has its most
+            with self._cond:
+                turn = self._turns[priority].turn(client)
+                heapq.heappush(
+                    self._jobs, (priority, turn, next(self._seq), context.run, (fn, *args), loop, future)
+                )
+                self._cond.notify()
+            try:
+                return await future
+            except asyncio.CancelledError:
+                with self._cond:  # a job nobody waits for leaves at once, with its arguments (a client's tensors)
+                    self._jobs = [job for job in self._jobs if job[-1] is not future]
+                    heapq.heapify(self._jobs)
+                raise
 
     async def submit_step(
         self, session: KVSession, offset: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """One inference step of ``session`` (checked by the caller), batched with other sessions' steps;
         returns its output [B, T, H] on the CPU. Cancelling it drops the step from the queue at once."""
-        loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
+        client = context.run(current_client.get)
+        with self._client_jobs.acquire(client):  # refused at once when the client has its most
+            return await self._queue_step(context, client, session, offset, hidden, positions, mask)
+
+    async def _queue_step(self, context, client, session, offset, hidden, positions, mask) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
         group = (id(session.stack), session.start, session.end, id(context.run(active_adapter)))
         now = time.monotonic()
         job = _StepJob(
             next(self._seq),
+            0,  # its turn, given under the lock
             now,
             context,
             group,
@@ -160,6 +232,7 @@ class ComputeWorker:
             loop.create_future(),
         )
         with self._cond:
+            job.turn = self._turns[PRIORITY_INFERENCE].turn(client)
             self._steps.append(job)
             self._recent[group, id(session)] = (weakref.ref(session), now)
             self._cond.notify()
@@ -187,16 +260,18 @@ class ComputeWorker:
                 if self._stopping:
                     return
                 batch = job = None
-                if self._steps and (
-                    not self._jobs or self._jobs[0][:2] > (PRIORITY_INFERENCE, self._steps[0].seq)
+                first = self._first_step()
+                if first is not None and (
+                    not self._jobs or self._jobs[0][:3] > (PRIORITY_INFERENCE, *first.order)
                 ):
                     wait = self._gather_wait()
                     if wait > 0:
                         self._cond.wait(wait)
                         continue
                     batch = self._take_batch()
-                else:
+                elif self._jobs:
                     job = heapq.heappop(self._jobs)
+                    self._turns[job[0]].taken(job[1])
             if batch:
                 self._run_batch(batch)
             elif job is not None:
@@ -204,7 +279,7 @@ class ComputeWorker:
             batch = job = None  # an idle worker holds no session's caches (a closed session is freed at once)
 
     def _run_job(self, job: tuple) -> None:
-        _, _, fn, args, loop, future = job
+        _, _, _, fn, args, loop, future = job
         if future.cancelled():
             return
         try:
@@ -223,9 +298,9 @@ class ComputeWorker:
         the batch larger, and on a machine whose cores are all busy a larger batch costs far less per token.
         Never more than that, never for sessions idle for a while (a chat user reading), never with
         batching off."""
-        if not self.batching or not self._steps:
+        first = self._first_step()
+        if not self.batching or first is None:
             return 0.0
-        first = self._steps[0]
         now = time.monotonic()
         forward = self._forward_time.get(first.group, 0.0)
         horizon = max(1.0, 4 * forward)
@@ -239,20 +314,27 @@ class ComputeWorker:
             return 0.0
         return max(0.0, first.queued_at + min(self.max_gather_wait, 0.5 * forward) - now)
 
+    def _first_step(self) -> _StepJob | None:
+        """The waiting step whose turn comes first (earliest arrival among equal turns), dropping steps
+        cancelled while they waited (called with the lock held)."""
+        if any(job.future.done() for job in self._steps):
+            self._steps = [job for job in self._steps if not job.future.done()]
+        return min(self._steps, key=lambda job: job.order, default=None)
+
     def _take_batch(self) -> list[tuple[_StepJob, int]]:
         """(job, tokens to compute now) for the next batch; jobs computed whole leave the queue (called with
         the lock held)."""
-        while self._steps and self._steps[0].future.done():  # cancelled while waiting
-            self._steps.popleft()
-        if not self._steps:
+        first = self._first_step()
+        if first is None:
             return []
         if not self.batching:
-            job = self._steps.popleft()
-            return [(job, job.tokens)]
-        group = self._steps[0].group
+            self._steps.remove(first)
+            self._turns[PRIORITY_INFERENCE].taken(first.turn)
+            return [(first, first.tokens)]
+        group = first.group
         members = sorted(
-            (job for job in self._steps if job.group == group and not job.future.done()), key=lambda j: j.tokens
-        )  # short steps first (stable: in arrival order among equals); a long prefill takes what is left
+            (job for job in self._steps if job.group == group), key=lambda j: (j.tokens, j.order)
+        )  # short steps first (among equals: by turn, then arrival); a long prefill takes what is left
         budget, batch = self.max_batch_tokens, []
         for job in members:
             tokens = min(job.tokens, budget // job.rows)
@@ -265,6 +347,7 @@ class ComputeWorker:
         for job, tokens in batch:
             if tokens == job.tokens:
                 self._steps.remove(job)
+        self._turns[PRIORITY_INFERENCE].taken(max(job.turn for job, _ in batch))
         self._stats.batches += 1
         self._stats.steps += len(batch)
         return batch

@@ -17,10 +17,33 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client (peer id) may hold of this server at once; beyond it a request is refused at once,
+    naming the limit (see ``corolla.server.client_limits``)."""
+
+    #: Share of the KV-cache budget one client's sessions may hold or wait for (1.0: no share of its own).
+    max_client_cache_share: float = 0.5
+    #: Inference sessions one client may have open (or waiting for cache) here; 0 = no bound.
+    max_client_sessions: int = 32
+    #: Compute jobs (inference steps, forwards, backwards) one client may have waiting or running; 0 = no bound.
+    max_client_jobs: int = 64
+    #: Calls (streams) one client may have open here, from its first byte to its hang-up; 0 = no bound.
+    max_client_calls: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_client_cache_share <= 1:
+            raise ValueError(f"max_client_cache_share must be in (0, 1], got {self.max_client_cache_share}")
+        for name in ("max_client_sessions", "max_client_jobs", "max_client_calls"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = no bound), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     model: str
     network: NetworkConfig = field(default_factory=NetworkConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     #: Block choice: explicit [start, end) or a count to place automatically (one of the two, or neither:
     #: then all blocks).
     block_indices: tuple[int, int] | None = None

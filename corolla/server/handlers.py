@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -26,11 +27,15 @@ from corolla.models.lora import use_adapter
 from corolla.server.adapters import AdapterStore, lora_backward, lora_forward
 from corolla.server.backend import BlockBackend
 from corolla.server.backward import TrainingBackend
+from corolla.server.client_limits import Holding, PeerCounter
+from corolla.server.compute import current_client
+from corolla.server.config import LimitsConfig
 from corolla.server.memory_cache import MemoryCache
 from corolla.server.push import MAX_PUSH_HOPS, LiveSession, Pusher, SessionDirectory
 from corolla.swarm.transport import Transport
 from corolla.wire.errors import (
     BadRequestError,
+    ClientLimitError,
     RemoteError,
     ServerBusyError,
     ServerRefusedError,
@@ -68,6 +73,11 @@ from corolla.wire.tensors import COMPRESSIONS, dtype_name
 
 logger = logging.getLogger(__name__)
 
+#: push streams that may be open to one session at once (its pusher keeps one, and opens another after a failure)
+MAX_PUSH_STREAMS = 4
+#: this call's place in its caller's bound on open calls (a push stream gives it back: see _pushes)
+_call_holding: contextvars.ContextVar[Holding | None] = contextvars.ContextVar("corolla_call", default=None)
+
 
 class RequestHandler:
     """Serves every call on this server's stream protocol."""
@@ -86,6 +96,7 @@ class RequestHandler:
         max_message_bytes: int,
         adapters: AdapterStore | None = None,
         transport: Transport | None = None,
+        limits: LimitsConfig = LimitsConfig(),
     ):
         self.backend, self.memory, self.model, self.get_info = backend, memory, model, get_info
         self.adapters = adapters
@@ -100,6 +111,17 @@ class RequestHandler:
         self.training = TrainingBackend(backend, max_batch_size=max_batch_size, max_length=inference_max_length)
         self.accepting = True
         self.active_sessions = 0
+        # per-client bounds (the KV-cache share is the MemoryCache's, the compute jobs' the ComputeWorker's)
+        self.client_calls = PeerCounter(limits.max_client_calls, lambda held, limit: ServerBusyError(
+            f"this client has {held} calls open here, the most one client may have (--max_client_calls {limit})"
+        ))  # fmt: skip
+        self.client_sessions = PeerCounter(limits.max_client_sessions, lambda held, limit: ClientLimitError(
+            f"this client has {held} inference sessions open or waiting here, the most one client may have "
+            f"(--max_client_sessions {limit}); close one first"
+        ))  # fmt: skip
+        self.push_streams = PeerCounter(MAX_PUSH_STREAMS, lambda held, limit: ServerBusyError(
+            f"{held} push streams are open to this session already, the most allowed ({limit})"
+        ))  # fmt: skip
         self._tasks: set[asyncio.Task] = set()
         #: message type that starts a call -> its handler (peer, request, reader, writer)
         self._handlers = {
@@ -116,9 +138,17 @@ class RequestHandler:
         }
 
     async def __call__(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str(stream_info.peer_id)
+        try:
+            call = self.client_calls.acquire(peer)
+        except ServerBusyError as e:  # closed at once: waiting for its hang-up would hold what the bound frees
+            await self._answer_error(writer, e, peer)
+            writer.close()
+            return
+        _call_holding.set(call)
+        current_client.set(peer)  # this call's compute jobs are the peer's (fair turns, --max_client_jobs)
         task = asyncio.current_task()
         self._tasks.add(task)
-        peer = str(stream_info.peer_id)
         try:
             try:
                 await self._serve(peer, reader, writer)
@@ -217,7 +247,8 @@ class RequestHandler:
             )
         adapter = self._use_adapter(peer, request.adapter, request.start, request.end)  # checked before any cache
         cache_size = request.batch_size * request.max_length * (request.end - request.start)
-        async with self.memory.reserve(cache_size):
+        # bounded per client: sessions, and their share of the cache (held or waited for), refused at once
+        async with self.client_sessions.acquire(peer), self.memory.reserve(cache_size, client=peer):
             session = self.backend.open_session(request.start, request.end, request.batch_size, request.max_length)
             self.active_sessions += 1
             logger.info(
@@ -313,20 +344,32 @@ class RequestHandler:
         await self._send(writer, InferenceStepResult(out, step.step_id), compression)
 
     async def _pushes(self, peer: str, first: PushedStep, reader, writer) -> None:
-        """A push stream from another server: deliver each step to its session; a refused one ends it."""
-        step = first
-        while True:
-            try:
-                self.sessions.deliver(step)
-            except RemoteError as e:
-                await self._answer_error(writer, e, peer)
-                # The pusher reads no replies: close now (not after its hang-up, which would swallow its next
-                # pushes), so that its next step finds the stream gone and opens a new one.
-                writer.close()
-                return
-            step = await asyncio.wait_for(read_message(reader, self.max_bytes), self.session_timeout)
-            if not isinstance(step, PushedStep):
-                raise BadRequestError(f"a push stream carries PushedStep only, got {type(step).__name__}")
+        """A push stream from another server: deliver each step to its session; a refused one ends it.
+
+        It leaves its pusher's bound on open calls: a server pushes over one stream per session it serves, for
+        many clients. Instead at most MAX_PUSH_STREAMS are open to one session (the session it first feeds),
+        and each ends after ``session_timeout`` without a step."""
+        holding = _call_holding.get()
+        if holding is not None:
+            holding.release()
+        step, stream = first, Holding(None, None)
+        try:
+            while True:
+                try:
+                    if step is first:
+                        stream = self.push_streams.acquire(first.session_id)
+                    self.sessions.deliver(step)
+                except RemoteError as e:
+                    await self._answer_error(writer, e, peer)
+                    # The pusher reads no replies: close now (not after its hang-up, which would swallow its next
+                    # pushes), so that its next step finds the stream gone and opens a new one.
+                    writer.close()
+                    return
+                step = await asyncio.wait_for(read_message(reader, self.max_bytes), self.session_timeout)
+                if not isinstance(step, PushedStep):
+                    raise BadRequestError(f"a push stream carries PushedStep only, got {type(step).__name__}")
+        finally:
+            stream.release()
 
     def _use_adapter(self, peer: str, name: str, start: int, end: int) -> AbstractContextManager:
         """Makes the blocks apply adapter ``name`` ("" = none) in compute jobs submitted inside it."""

@@ -120,12 +120,17 @@ class Server:
         cfg = self.config
         self.info = self._make_info(ServerState.JOINING, start, end)
         await self._announce()
-        worker = self.worker = ComputeWorker(batching=cfg.batching, max_batch_tokens=cfg.max_batch_tokens)
+        worker = self.worker = ComputeWorker(
+            batching=cfg.batching, max_batch_tokens=cfg.max_batch_tokens, max_client_jobs=cfg.limits.max_client_jobs
+        )
         try:
             stack = await self._load(start, end, self.dtype)
             adapters = await self._load_adapters(stack)
             backend = BlockBackend(stack, worker)
-            memory = MemoryCache(cfg.cache.attn_cache_tokens * (end - start), cfg.cache.max_alloc_timeout)
+            memory = MemoryCache(
+                cfg.cache.attn_cache_tokens * (end - start), cfg.cache.max_alloc_timeout,
+                max_client_share=cfg.limits.max_client_cache_share,
+            )  # fmt: skip
             latency = await self._measure_latency(backend)
             if cfg.batching:
                 self.batch_speedup = await self._measure_batching(backend, latency)
@@ -133,7 +138,7 @@ class Server:
             self.handler = RequestHandler(
                 backend, memory, self.model_ref, lambda: self._current_info(memory),
                 inference_max_length=cfg.inference_max_length, max_batch_size=cfg.max_batch_size,
-                request_timeout=cfg.request_timeout, session_timeout=cfg.session_timeout,
+                request_timeout=cfg.request_timeout, session_timeout=cfg.session_timeout, limits=cfg.limits,
                 max_message_bytes=cfg.max_message_bytes, adapters=adapters, transport=P2PTransport(self.node.p2p),
             )  # fmt: skip
             new_start = await self._serve_until(stop, memory)

@@ -65,6 +65,13 @@ class AdapterLimitError(RemoteError):
     code = "adapter_limit"
 
 
+class ClientLimitError(RemoteError):
+    """This client already holds its share of the server (sessions, KV cache); close some, or raise the
+    server's per-client limit. Refused at once, never queued."""
+
+    code = "client_limit"
+
+
 class MissingBlocksError(CorollaError):
     """No reachable server hosts some blocks, even after the bounded wait."""
 
@@ -104,6 +111,7 @@ ERROR_CLASSES: dict[str, type[RemoteError]] = {
         ServerBusyError,
         UnknownAdapterError,
         AdapterLimitError,
+        ClientLimitError,
     )
 }
 

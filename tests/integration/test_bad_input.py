@@ -166,9 +166,11 @@ def test_session_over_server_max_length_is_refused(manager, s0):
 
 
 def test_cache_budget_waits_then_fails_clearly(shared_swarm, tiny_llama):
-    # 16 tokens per block x 2 blocks = 32 block-tokens; a session of max_length 12 over 2 blocks takes 24
+    # 16 tokens per block x 2 blocks = 32 block-tokens; a session of max_length 12 over 2 blocks takes 24; one
+    # client fills the budget here, so its per-client share is off (tests/unit/test_client_limits.py has that)
     proc = shared_swarm.start_server("small", tiny_llama, "--block_indices", "0:2", "--dht_prefix", "budget",
-                                     "--attn_cache_tokens", "16", "--max_alloc_timeout", "1", wait=False)  # fmt: skip
+                                     "--attn_cache_tokens", "16", "--max_alloc_timeout", "1",
+                                     "--max_client_cache_share", "1", wait=False)  # fmt: skip
     shared_swarm.wait_state(proc, ServerState.ONLINE, "budget")
     manager = make_manager(tiny_llama, shared_swarm.initial_peers, dht_prefix="budget")
     model, transport, run = manager.model, manager.transport, manager.bridge.run

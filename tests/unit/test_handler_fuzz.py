@@ -26,6 +26,7 @@ from corolla.wire.messages import (
     InferenceStep,
     InferenceStepResult,
     Kind,
+    MemberProof,
 )
 from corolla.wire.records import WIRE_VERSION
 
@@ -101,6 +102,7 @@ async def _exchange(swarm, frames: list[bytes], opening: bool):
     replies ('closed' for EOF)."""
     reader, writer = await swarm.network.open_stream("fuzzer", "a")
     replies = []
+    writer.write(encode_frame(MemberProof(swarm.swarm_key.member_proof("fuzzer"))))  # a member: past the check
     try:
         if opening:
             writer.write(encode_frame(InferenceOpen(swarm.model, 0, 8, 8, 1)))
