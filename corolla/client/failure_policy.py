@@ -36,6 +36,7 @@ from corolla.wire.errors import (
     ChainFailedError,
     ClientLimitError,
     MissingBlocksError,
+    NotAMemberError,
     SessionLengthError,
 )
 
@@ -46,7 +47,7 @@ T = TypeVar("T")
 #: Errors that are the caller's to fix: never retried on another server.
 FATAL_ERRORS = (
     BadRequestError, SessionLengthError, CacheFullError, MissingBlocksError, ChainFailedError, AdapterLimitError,
-    ClientLimitError,
+    NotAMemberError, ClientLimitError,
 )  # fmt: skip
 
 

@@ -33,9 +33,11 @@ from corolla.server.config import LimitsConfig
 from corolla.server.memory_cache import MemoryCache
 from corolla.server.push import MAX_PUSH_HOPS, LiveSession, Pusher, SessionDirectory
 from corolla.swarm.transport import Transport
+from corolla.swarm.trust import SwarmKey
 from corolla.wire.errors import (
     BadRequestError,
     ClientLimitError,
+    NotAMemberError,
     RemoteError,
     ServerBusyError,
     ServerRefusedError,
@@ -60,6 +62,7 @@ from corolla.wire.messages import (
     LoraReleaseResponse,
     LoraUploadRequest,
     LoraUploadResponse,
+    MemberProof,
     ModelRef,
     PingRequest,
     PingResponse,
@@ -77,6 +80,9 @@ logger = logging.getLogger(__name__)
 MAX_PUSH_STREAMS = 4
 #: this call's place in its caller's bound on open calls (a push stream gives it back: see _pushes)
 _call_holding: contextvars.ContextVar[Holding | None] = contextvars.ContextVar("corolla_call", default=None)
+
+#: In a private swarm nothing bigger than a member proof is read from a caller not yet known to be a member.
+MAX_PROOF_FRAME_BYTES = 256
 
 
 class RequestHandler:
@@ -97,11 +103,14 @@ class RequestHandler:
         adapters: AdapterStore | None = None,
         transport: Transport | None = None,
         limits: LimitsConfig = LimitsConfig(),
+        swarm_key: SwarmKey | None = None,
     ):
         self.backend, self.memory, self.model, self.get_info = backend, memory, model, get_info
         self.adapters = adapters
         #: opens streams to other servers, for pushing steps (None: this server does not push)
         self.transport = transport
+        #: a private swarm's key: every call must start with the caller's member proof (None: an open swarm)
+        self.swarm_key = swarm_key
         self.sessions = SessionDirectory()
         self.inference_max_length = inference_max_length
         self.max_batch_size = max_batch_size
@@ -159,12 +168,29 @@ class RequestHandler:
             if not writer.is_closing():
                 await wait_for_hang_up(reader, self.request_timeout)
         finally:
+            call.release()
             self._tasks.discard(task)
             if not writer.is_closing():
                 writer.close()
 
     async def _serve(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await asyncio.wait_for(read_message(reader, self.max_bytes), self.request_timeout)
+        if self.swarm_key is None:
+            request = await asyncio.wait_for(read_message(reader, self.max_bytes), self.request_timeout)
+            if isinstance(request, MemberProof):
+                raise NotAMemberError("this server runs an open swarm, but the caller holds a swarm key")
+        else:
+            try:
+                request = await asyncio.wait_for(read_message(reader, MAX_PROOF_FRAME_BYTES), self.request_timeout)
+            except BadRequestError:  # not a proof (too large, or not even a frame): an outsider's call
+                request = None
+            # membership first: an outsider's call ends here, before its request is even read
+            if not isinstance(request, MemberProof) or not self.swarm_key.is_member(peer, request.proof):
+                raise NotAMemberError(
+                    "this server belongs to a private swarm: start with its swarm key (--swarm_key / swarm_key=)"
+                    if not isinstance(request, MemberProof)
+                    else "wrong swarm key: this server belongs to another private swarm"
+                )
+            request = await asyncio.wait_for(read_message(reader, self.max_bytes), self.request_timeout)
         handler = self._handlers.get(type(request))
         if handler is None:
             raise BadRequestError(f"{type(request).__name__} cannot start a call")

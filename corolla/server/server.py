@@ -43,7 +43,6 @@ from corolla.server.throughput import (
     network_tokens_per_second,
     probe_bandwidth,
 )
-from corolla.swarm.discovery import announce, announce_model
 from corolla.swarm.node import SwarmNode
 from corolla.swarm.transport import PROTOCOL, P2PTransport
 from corolla.wire.messages import ModelRef
@@ -82,6 +81,8 @@ class Server:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.node = await SwarmNode.start(cfg.network)
+        #: streams to other servers (pushes, probes, pings), with our membership proof in a private swarm
+        self.transport = P2PTransport(self.node.p2p, self.node.trust.member_proof())
         try:
             # one stream handler for the server's whole life; it serves through whichever span is loaded
             await self.node.p2p.add_binary_stream_handler(PROTOCOL, self._dispatch)
@@ -93,7 +94,7 @@ class Server:
                 ),
             )
             self.placement = Placement(
-                cfg, self.node.dht, peer_id=self.peer_id, dht_prefix=self.dht_prefix,
+                cfg, self.node.records, peer_id=self.peer_id, dht_prefix=self.dht_prefix,
                 config_hash=self.model_ref.config_hash, model_config=model_config, dtype=dtype,
             )  # fmt: skip
             await self._measure_network()
@@ -121,7 +122,9 @@ class Server:
         self.info = self._make_info(ServerState.JOINING, start, end)
         await self._announce()
         worker = self.worker = ComputeWorker(
-            batching=cfg.batching, max_batch_tokens=cfg.max_batch_tokens, max_client_jobs=cfg.limits.max_client_jobs
+            batching=cfg.batching,
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_client_jobs=cfg.limits.max_client_jobs,
         )
         try:
             stack = await self._load(start, end, self.dtype)
@@ -139,7 +142,7 @@ class Server:
                 backend, memory, self.model_ref, lambda: self._current_info(memory),
                 inference_max_length=cfg.inference_max_length, max_batch_size=cfg.max_batch_size,
                 request_timeout=cfg.request_timeout, session_timeout=cfg.session_timeout, limits=cfg.limits,
-                max_message_bytes=cfg.max_message_bytes, adapters=adapters, transport=P2PTransport(self.node.p2p),
+                max_message_bytes=cfg.max_message_bytes, adapters=adapters, transport=self.transport, swarm_key=self.node.trust.swarm_key,
             )  # fmt: skip
             new_start = await self._serve_until(stop, memory)
             if new_start is None:
@@ -248,19 +251,14 @@ class Server:
     async def _announce(self, info: ServerInfo | None = None) -> None:
         info = info or self.info
         assert info is not None and self.node is not None
-        await announce(
-            self.node.dht,
-            self.dht_prefix,
-            self.peer_id,
-            range(info.start, info.end),
-            info,
-            self.config.record_expiration,
+        await self.node.records.announce(
+            self.dht_prefix, range(info.start, info.end), info, self.config.record_expiration
         )
         if info.state != ServerState.OFFLINE:
             record = ModelRecord(
                 self.dht_prefix, self.num_model_blocks, self.model_ref.config_hash, self.model_config.model_type
             )
-            await announce_model(self.node.dht, record, self.config.record_expiration)
+            await self.node.records.announce_model(record, self.config.record_expiration)
 
     async def _measure_network(self) -> None:
         """Bandwidth to up to three other servers of this model (never anything outside the swarm)."""
@@ -273,7 +271,7 @@ class Server:
         if not peers:
             logger.info("No other server to measure bandwidth against: announcing compute throughput only")
             return
-        best = await probe_bandwidth(self.node.p2p, peers)
+        best = await probe_bandwidth(self.transport, peers)
         if best > 0:
             self.network_throughput = network_tokens_per_second(best, self.model_config.hidden_size, self.dtype)
             logger.info(
@@ -289,7 +287,7 @@ class Server:
             return
         spans = await self.placement.swarm_spans((ServerState.ONLINE,))
         peers = sorted(p for p, s in spans.items() if s.start <= self.info.end < s.end and p != self.peer_id)[:5]
-        self.next_rtts = await measure_rtts(self.node.p2p, peers)
+        self.next_rtts = await measure_rtts(self.transport, peers)
 
     async def _serve_until(self, stop: asyncio.Event, memory: MemoryCache) -> int | None:
         """Serve, announcing every ``update_period``; returns a new start if the server should move."""

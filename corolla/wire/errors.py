@@ -72,6 +72,13 @@ class ClientLimitError(RemoteError):
     code = "client_limit"
 
 
+class NotAMemberError(RemoteError):
+    """The server belongs to a private swarm and the caller did not prove membership (no swarm key, or
+    another swarm's key), or the caller holds a key and the server runs an open swarm."""
+
+    code = "not_a_member"
+
+
 class MissingBlocksError(CorollaError):
     """No reachable server hosts some blocks, even after the bounded wait."""
 
@@ -112,6 +119,7 @@ ERROR_CLASSES: dict[str, type[RemoteError]] = {
         UnknownAdapterError,
         AdapterLimitError,
         ClientLimitError,
+        NotAMemberError,
     )
 }
 
