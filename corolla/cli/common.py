@@ -96,7 +96,8 @@ def check_swarm_key(command: str, path: str | None) -> str | None:
 def network_config(args: argparse.Namespace, client_mode: bool = False) -> NetworkConfig:
     from corolla.swarm.config import NetworkConfig
 
-    swarm_key = check_swarm_key(getattr(args, "command", None) or "", args.swarm_key)
+    # resolved here ("" for open), so that the node does not look at $COROLLA_SWARM_KEY a second time
+    swarm_key = check_swarm_key(getattr(args, "command", None) or "", args.swarm_key) or ""
     return NetworkConfig(
         initial_peers=tuple(args.initial_peers),
         host_maddrs=tuple(args.host_maddrs),

@@ -34,7 +34,9 @@ def test_health_shows_coverage_and_servers(shared_swarm, tiny_llama, processes):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, f"health exited with {proc.returncode}; log:\n{proc.log_path.read_text()[-3000:]}"
 
-    assert out.startswith("model tiny-llama: 8 blocks, 3 servers (3 online)"), out
+    swarm_line, model_line = out.split("\n\n")[:2]
+    assert swarm_line.startswith("swarm: private (key "), out  # the tests' swarms are private
+    assert model_line.startswith("model tiny-llama: 8 blocks, 3 servers (3 online)"), out
     coverage = re.search(r"coverage\s+\[([^\]]*)\]", out)
     assert coverage is not None, out
     assert coverage.group(1) == "11232211", out  # s0 [0:4), s2 [2:6), s1 [3:8)
@@ -61,6 +63,20 @@ def test_health_json_of_a_bare_prefix(shared_swarm, processes):
     assert {n: f"[{s['info']['start']}:{s['info']['end']})" for n, s in servers.items()} == SERVERS
     assert all(s["info"]["state"] == "online" for s in servers.values())
     assert model["coverage"] == [1, 1, 2, 3, 2, 2, 1, 1]
+    assert doc["swarm"]["private"] is True and len(doc["swarm"]["key"]) == 8
+
+
+def test_health_without_the_key_is_an_outsider_and_says_open(shared_swarm, processes):
+    """Without the swarm key, health is an outsider of a private swarm: it finds none of its records, and says
+    that it reads as an open swarm."""
+    cmd = ["-m", "corolla.cli.health", "--initial_peers", *shared_swarm.initial_peers,
+           "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--swarm_key", "", "--json"]  # fmt: skip
+    proc = processes.start(cmd, "health-outsider", stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, proc.log_path.read_text()[-3000:]
+    doc = json.loads(out)
+    assert doc["swarm"] == {"private": False, "key": None, "ignored_records": {}}
+    assert doc["models"] == []
 
 
 #: Runs the rest of the command line with SIGINT ignored, as a background job of a non-interactive shell starts

@@ -89,6 +89,7 @@ def page_view(driver) -> dict:
           rows: [...section.querySelectorAll("table.servers tbody tr")].map((r) => r.getAttribute("data-server-name")),
           gapNote: (section.querySelector(".gap-note") || {}).textContent || null,
           status: document.getElementById("status").getAttribute("data-status"),
+          swarm: document.getElementById("swarm").textContent,
         };
         """,
         PREFIX,
@@ -128,6 +129,7 @@ def test_monitor_shows_servers_then_the_gap(swarm, processes, tiny_llama, tmp_pa
     state = wait_for("both servers online in /api/v1/state", lambda: (m := model_of(fetch_state(url)))
                      and states_by_name(m) == {"a": "online", "b": "online"} and m)  # fmt: skip
     assert state["num_blocks"] == 8 and state["coverage"] == [1] * 8 and state["fully_covered"] is True
+    assert fetch_state(url)["swarm"]["private"] is True  # the tests' swarms are private ($COROLLA_SWARM_KEY)
     a = next(s for s in state["servers"] if s["name"] == "a")
     assert a["peer_id"] == swarm.servers["a"].peer_id and a["found_blocks"] == [0, 1, 2, 3]
     assert (a["info"]["start"], a["info"]["end"]) == (0, 4) and a["info"]["software_version"]
@@ -143,6 +145,7 @@ def test_monitor_shows_servers_then_the_gap(swarm, processes, tiny_llama, tmp_pa
                             and v["bars"] == {"a": "online", "b": "online"} and v)  # fmt: skip
             assert view["coverage"] == ["1"] * 8 and view["gaps"] == "" and view["gapNote"] is None
             assert view["rows"] == ["a", "b"] and view["status"] == "ok"
+            assert view["swarm"].startswith("private swarm (key ")
             screenshot(driver, tmp_path, "monitor-covered.png")
 
         # SIGTERM: the server announces offline before exiting, so blocks 4-7 lose their only server

@@ -163,7 +163,23 @@ function setStatus(kind, text) {
   status.textContent = text;
 }
 
+function drawSwarm(swarm) {
+  const line = document.getElementById("swarm");
+  if (!swarm) return;
+  line.setAttribute("data-private", String(swarm.private));
+  let text = swarm.private
+    ? `private swarm (key ${swarm.key}): only members can call its servers and read its records`
+    : "OPEN swarm: anyone who reaches a peer can join, read these records and call these servers";
+  const ignored = Object.entries(swarm.ignored_records || {});
+  if (ignored.length) {
+    const total = ignored.reduce((sum, [, n]) => sum + n, 0);
+    text += `; ignored ${total} invalid record(s): ` + ignored.map(([reason, n]) => `${reason} ${n}`).join(", ");
+  }
+  line.textContent = text;
+}
+
 function draw(state) {
+  drawSwarm(state.swarm);
   const container = document.getElementById("models");
   container.replaceChildren(...state.models.map(modelSection));
   if (state.updated_at === null) {
