@@ -203,6 +203,9 @@ class DistributedPreTrainedModel(PreTrainedModel):
             )
         elif options:
             raise TypeError(f"unexpected options with an explicit chain: {', '.join(sorted(options))}")
+        from corolla.client.verification import configure_for_model
+
+        configure_for_model(chain, config)
         # Petals' `model.config.active_adapter`: the served adapter of calls that name none (settable later)
         config.active_adapter = options.get("active_adapter")  # (options are empty with an explicit chain)
         if config_overrides:  # after connecting: they are the client's, not part of the served config's hash

@@ -54,7 +54,7 @@ from corolla.client.remote_autograd import call_peer
 from corolla.client.routing import Hop, plan_max_throughput
 from corolla.wire.messages import ForwardRequest, ForwardResponse
 from corolla.wire.records import ServerInfo
-from corolla.wire.reports import REPORT_TTL, TamperReport, report_key
+from corolla.wire.reports import REPORT_KIND, REPORT_TTL, TamperReport, report_key
 from corolla.wire.tensors import INT8_ROWWISE, decode_tensor, encode_tensor
 
 if TYPE_CHECKING:
@@ -168,17 +168,16 @@ class RecordStoreLike(Protocol):
 
 
 class RecordStoreSink:
-    """Publishes reports as signed records: key :func:`~corolla.wire.reports.report_key`, subkey the reporting
-    client's peer id (owned: nobody else may write it), expiring after ``REPORT_TTL``."""
-
-    KIND = "tamper_report"
+    """Publishes reports as signed records (:class:`corolla.swarm.discovery.RecordStore`): kind ``REPORT_KIND``,
+    key :func:`~corolla.wire.reports.report_key`, subkey the reporting client's peer id (owned: nobody else may
+    write it, and a client's newer report on a server replaces its older one), expiring after ``REPORT_TTL``."""
 
     def __init__(self, records: RecordStoreLike, peer_id: str):
         self.records, self.peer_id = records, peer_id
 
     async def publish(self, report: TamperReport) -> None:
         key = report_key(report.dht_prefix, report.suspect)
-        await self.records.store(self.KIND, key, self.peer_id, report, REPORT_TTL, owned=True)
+        await self.records.store(REPORT_KIND, key, self.peer_id, report, REPORT_TTL, owned=True)
 
 
 @dataclass
@@ -211,9 +210,11 @@ class Verifier:
     def __init__(self, manager: RemoteSequenceManager):
         self.manager = manager
         self.stats = VerificationStats()
-        self.sink: ReportSink = NoReportSink()
+        self.sink: ReportSink = _default_sink(manager)
         self.rng = random.Random(os.urandom(16))  # servers must not predict which steps are checked
         self._caught: dict[str, int] = {}
+        #: longest history a stateless forward reproduces (dynamic RoPE: the model's original context), None: any
+        self.max_length: int | None = None
         self._publishing: set[asyncio.Task] = set()
 
     def due(self, checks_done: int) -> bool:
@@ -233,7 +234,7 @@ class Verifier:
         """Start the reference forward of ``hop``'s whole input; None when the hop cannot be checked."""
         span = self.manager.spans.get(hop.peer_id)
         self.stats.checks += 1
-        if span is None:
+        if span is None or (self.max_length is not None and inputs.shape[1] > self.max_length):
             self.stats.unverifiable += 1
             return None
         if compression == INT8_ROWWISE:  # what the suspect computed on
@@ -370,6 +371,16 @@ class Verifier:
             return None
 
 
+def _default_sink(manager: RemoteSequenceManager) -> ReportSink:
+    """The DHT's record store when the client reads the DHT, else nowhere (in-process swarms)."""
+    from corolla.swarm.discovery import DHTDiscovery
+
+    if isinstance(manager.discovery, DHTDiscovery):
+        records = manager.discovery.records
+        return RecordStoreSink(records, records.trust.peer_key.peer_id)
+    return NoReportSink()
+
+
 def _expected_forward(manager: RemoteSequenceManager, hop: Hop, tokens: int) -> float:
     """Seconds a forward of ``tokens`` over ``hop`` should take (a generous guess from the server's record)."""
     span = manager.spans.get(hop.peer_id)
@@ -394,6 +405,18 @@ def verifier_for(manager: RemoteSequenceManager) -> Verifier:
     if verifier is None:
         verifier = _verifiers[manager] = Verifier(manager)
     return verifier
+
+
+def configure_for_model(chain: object, config) -> None:
+    """Model-specific limits of the checks of ``chain``'s sessions (``config``: the model's HF config). With dynamic
+    RoPE, keys cached before a sequence outgrew ``max_position_embeddings`` keep their old frequencies
+    (transformers does the same), so a stateless forward of a longer history legitimately differs from the
+    session's steps: such histories are not checked (counted unverifiable)."""
+    from corolla.client.sequence_manager import RemoteSequenceManager
+    from corolla.models.layers import rope_parameters
+
+    if isinstance(chain, RemoteSequenceManager) and rope_parameters(config)["rope_type"] == "dynamic":
+        verifier_for(chain).max_length = config.max_position_embeddings
 
 
 def verification_stats(chain: object) -> dict:

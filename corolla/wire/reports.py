@@ -17,6 +17,8 @@ from dataclasses import dataclass
 REPORT_VERSION = 1
 #: how long a report stays in the DHT (seconds)
 REPORT_TTL = 24 * 3600.0
+#: the signed record's kind (``RecordStore.store``/``fetch``)
+REPORT_KIND = "tamper_report"
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,24 @@ class TamperReport:
 def report_key(dht_prefix: str, suspect: str) -> str:
     """The DHT key holding every client's report about ``suspect`` (subkey: the reporter's peer id)."""
     return f"{dht_prefix}.tamper.{suspect}"
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """What ``corolla health`` shows of the reports on one server: distinct reporters, how many of them had a
+    majority against it, the detections they counted, and the latest (unix time)."""
+
+    reporters: int
+    confirmed: int
+    detections: int
+    latest: float
+
+
+def summarize_reports(reports: dict[str, TamperReport]) -> ReportSummary | None:
+    """``{reporter peer id: report}`` (as ``RecordStore.fetch`` returns owned records) -> a summary, or None."""
+    valid = [r for r in reports.values() if r.version == REPORT_VERSION]
+    if not valid:
+        return None
+    return ReportSummary(
+        len(valid), sum(r.confirmed for r in valid), sum(r.count for r in valid), max(r.detected_at for r in valid)
+    )

@@ -6,6 +6,7 @@ after it starts."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -244,3 +245,50 @@ def test_checks_are_due_on_a_hops_first_step_then_by_fraction(make_swarm):
     swarm = make_swarm(verify_fraction=0.0)
     verifier = verifier_for(swarm.manager)
     assert verifier.due(0) and not any(verifier.due(1) for _ in range(100))
+
+
+def test_detections_are_published_as_owned_records(make_swarm, inputs):
+    """The report goes to the sink as a signed record a client owns: kind, key per suspect, the reporter's id as
+    subkey; it packs with the typed codec (what RecordStore signs) and reads back."""
+    from corolla.client.verification import RecordStoreSink
+    from corolla.wire.codec import pack, unpack
+    from corolla.wire.reports import REPORT_KIND, REPORT_TTL, TamperReport, report_key, summarize_reports
+
+    class Records:
+        def __init__(self):
+            self.stored = []
+
+        async def store(self, kind, key, subkey, record, expiration, owned):
+            self.stored.append((kind, key, subkey, record, expiration, owned))
+            return True
+
+    swarm = make_swarm()
+    records = Records()
+    verifier_for(swarm.manager).sink = RecordStoreSink(records, "client-peer")
+    add_liar(swarm, "liar", 0, 8, "skip", latency=0.001)
+    swarm.add_server("honest", 0, 8, latency=0.01)
+    _run(swarm, inputs)
+    swarm.manager.bridge.run(asyncio.sleep(0.05))  # publishing runs beside the session
+    ((kind, key, subkey, report, expiration, owned),) = records.stored
+    assert (kind, key, subkey, expiration, owned) == (
+        REPORT_KIND,
+        report_key("fake", "liar"),
+        "client-peer",
+        REPORT_TTL,
+        True,
+    )
+    assert unpack(TamperReport, pack(report), max_tensor_bytes=0) == report
+    summary = summarize_reports({"client-peer": report})
+    assert (summary.reporters, summary.confirmed, summary.detections) == (1, 0, 1)
+
+
+def test_histories_longer_than_a_stateless_forward_reproduces_are_not_checked(make_swarm, inputs):
+    """Dynamic RoPE past the original context (configure_for_model): such histories count unverifiable, and a
+    liar there is not caught (a documented limit)."""
+    swarm = make_swarm()
+    verifier_for(swarm.manager).max_length = 3  # shorter than the 4-token prefill
+    add_liar(swarm, "liar", 0, 8, "skip", latency=0.001)
+    swarm.add_server("honest", 0, 8, latency=0.01)
+    _run(swarm, inputs)
+    stats = verification_stats(swarm.manager)
+    assert stats["detections"] == 0 and stats["unverifiable"] == stats["checks"] >= 1
