@@ -10,6 +10,7 @@ from __future__ import annotations
 from corolla.wire.errors import (
     CacheFullError,
     ChainFailedError,
+    ClientLimitError,
     MissingBlocksError,
     ServerBusyError,
     SessionLengthError,
@@ -48,7 +49,7 @@ def from_exception(error: BaseException) -> ApiError:
             type="service_unavailable_error",
             code="missing_blocks",
         )
-    if isinstance(error, (CacheFullError, ServerBusyError, ChainFailedError)):
+    if isinstance(error, (CacheFullError, ClientLimitError, ServerBusyError, ChainFailedError)):
         return ApiError(503, f"the swarm cannot serve this request right now: {error}",
                         type="service_unavailable_error", code="swarm_unavailable")  # fmt: skip
     if isinstance(error, SessionLengthError):
