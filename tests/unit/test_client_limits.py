@@ -21,7 +21,7 @@ from corolla.server.handlers import RequestHandler
 from corolla.server.memory_cache import MemoryCache
 from corolla.swarm.memory import InMemoryNetwork
 from corolla.wire.errors import CacheFullError, ClientLimitError, ServerBusyError
-from corolla.wire.framing import read_message
+from corolla.wire.framing import encode_frame, read_message
 from corolla.wire.messages import (
     ErrorResponse,
     ForwardRequest,
@@ -33,6 +33,7 @@ from corolla.wire.messages import (
     ModelRef,
     PingRequest,
     PingResponse,
+    PushedStep,
 )
 
 MODEL = ModelRef("tiny", "hash")
@@ -274,6 +275,45 @@ def test_an_idle_stream_and_a_half_open_session_end_and_give_back_what_they_held
         await _until(lambda: handler.client_calls.held("greedy") == 0)
         assert handler.client_sessions.held("greedy") == 0 and server.memory.client_used("greedy") == 0
         assert server.memory.free == server.memory.capacity
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.close()
+
+
+def test_push_streams_leave_the_calls_bound_and_are_bounded_per_session(stack):
+    """A server pushes over one stream per session it serves, for many clients: its push streams do not count
+    as its calls, but at most MAX_PUSH_STREAMS may be open to one session."""
+    from corolla.server.handlers import MAX_PUSH_STREAMS
+
+    server = Server(stack, LimitsConfig(max_client_calls=2))
+    session_id, token = b"s" * 16, b"t" * 16
+    hidden, positions, mask = _inputs(1, 0)
+
+    async def go():
+        conn = await server.connect("client")
+        await conn.send(InferenceOpen(MODEL, 0, 8, 16, 1, session_id=session_id, push_token=token))
+        await conn.recv(InferenceOpened)
+        pushes = []
+        for step_id in range(1, MAX_PUSH_STREAMS + 2):  # one more than allowed, all from the upstream server
+            reader, writer = await server.network.open_stream("upstream", "server")
+            writer.write(encode_frame(PushedStep(session_id, token, step_id, 0, hidden, positions, mask)))
+            pushes.append((reader, writer))
+            if step_id <= MAX_PUSH_STREAMS:  # delivered: the session answers its client
+                assert (await conn.recv(InferenceStepResult)).step_id == step_id
+        refusal = await read_message(pushes[-1][0])
+        assert isinstance(refusal, ErrorResponse) and refusal.code == ServerBusyError.code
+        assert f"{MAX_PUSH_STREAMS} push streams are open to this session" in refusal.message
+        assert server.handler.client_calls.held("upstream") == 0  # 4 open push streams, yet no calls held
+        pushes[0][1].close()  # a closed push stream makes room for another
+        await _until(lambda: server.handler.push_streams.held(session_id) == MAX_PUSH_STREAMS - 1)
+        reader, writer = await server.network.open_stream("upstream", "server")
+        writer.write(encode_frame(PushedStep(session_id, token, 99, 0, hidden, positions, mask)))
+        assert (await conn.recv(InferenceStepResult)).step_id == 99
+        for _, w in [*pushes, (reader, writer)]:
+            w.close()
+        conn.close()
 
     try:
         asyncio.run(go())
