@@ -151,6 +151,18 @@ def test_peer_counter_bounds_each_peer_and_never_the_server():
         PeerCounter(-1, None)
 
 
+def test_the_client_is_told_of_its_own_limits_and_avoids_a_busy_server_briefly():
+    from corolla.client.config import ClientConfig
+    from corolla.client.failure_policy import FailurePolicy
+
+    policy = FailurePolicy(ClientConfig(max_retries=5))
+    with pytest.raises(ClientLimitError):  # the client's own doing: raised to the user, nobody banned
+        policy.note_failure("server", ClientLimitError("over --max_client_sessions"), 1)
+    assert not policy.is_banned("server")
+    policy.note_failure("server", ServerBusyError("over --max_client_jobs"), 1)  # drains by itself: go elsewhere
+    assert policy.is_banned("server")
+
+
 # -- KV-cache share ----------------------------------------------------------------------------------
 
 
