@@ -9,17 +9,17 @@ job only; its result or exception comes back to the submitting coroutine through
 
 **Continuous batching.** At batch 1 a decode step is bound by reading the weights, so running the waiting
 steps of many sessions as one forward costs little more than one of them. Inference steps submitted with
-:meth:`ComputeWorker.submit_step` wait in a FIFO; each time the worker is free it takes the oldest one
-and every other waiting step of the same group (same stack, same blocks, same adapter) and runs them
+:meth:`ComputeWorker.submit_step` wait in a queue; each time the worker is free it takes the first one (by
+turn, see below: with one client, the oldest) and every other waiting step of the same group (same stack, same blocks, same adapter) and runs them
 as one forward (``corolla.models.session.step_sessions``: projections and MLPs over all rows at once,
 attention per session). A batch holds at most ``max_batch_tokens`` tokens (rows x tokens): short steps go
 first, and a long prefill takes what is left, in chunks, over several batches, so a long prompt never
 stalls everyone's next token. Sessions join or leave between any two batches. When sessions that stepped
 lately (and are still open) are not waiting, their steps are on their way (at another server of their
-chain, or their client): the oldest waiting step is held back up to half a forward's time (at most
+chain, or their client): the first waiting step is held back up to half a forward's time (at most
 ``max_gather_wait``) for them to join, since on busy cores a larger batch costs far less per token. A step that fails inside a
 batch is re-run alone, so only its own session sees the error. With batching off, steps run one at a
-time, whole, in arrival order (the behaviour before batching).
+time, whole, by turn (the behaviour before batching, whose arrival order one client still gets).
 
 Priorities: inference (steps, and other inference jobs such as deep-prompt steps) before forward and
 backward passes (lower number = sooner). Within a priority, **fair queueing across clients**: each job is
