@@ -24,7 +24,7 @@ MANY = "+"  # more than 9 servers on one block
 
 COLUMNS = (
     "server", "blocks", "state", "tok/s", "ms/blk", "free cache", "batch", "version", "wire", "dtype", "quant",
-    "adapters", "conn",
+    "adapters", "conn", "reported",
 )  # fmt: skip
 # fields shown by the columns above, or left to --json on purpose
 SHOWN_FIELDS = {
@@ -72,7 +72,16 @@ def _row(entry: ServerEntry) -> tuple[str, ...]:
         info.quantization,
         ",".join(info.adapters) or "-",
         "relayed" if info.relayed else "direct",
+        _reported(entry),
     )
+
+
+def _reported(entry: ServerEntry) -> str:
+    """Clients' reports of wrong activations: reporters (how many had a majority against it), or "-"."""
+    r = entry.reports
+    if r is None:
+        return "-"
+    return f"{r.reporters} ({r.confirmed} confirmed)"
 
 
 def _cell(value: object) -> str:

@@ -36,12 +36,15 @@ def read_models(reader: SwarmReader, models: Sequence[ModelRef] | None) -> list[
 def read_model(reader: SwarmReader, dht_prefix: str, num_blocks: int | None) -> ModelState:
     """Read one model; without ``num_blocks``, probe the first blocks and trust the largest announced end."""
     if num_blocks is not None:
-        return model_state(dht_prefix, reader.block_infos(dht_prefix, num_blocks))
-    records = reader.block_infos(dht_prefix, PROBE_BLOCKS)
-    count = min(announced_block_count(records), MAX_BLOCKS)
-    if count > len(records):
-        records = reader.block_infos(dht_prefix, count)
-    return model_state(dht_prefix, records[:count], num_blocks_inferred=True)
+        records, inferred = reader.block_infos(dht_prefix, num_blocks), False
+    else:
+        records = reader.block_infos(dht_prefix, PROBE_BLOCKS)
+        count = min(announced_block_count(records), MAX_BLOCKS)
+        if count > len(records):
+            records = reader.block_infos(dht_prefix, count)
+        records, inferred = records[:count], True
+    peers = sorted({peer for servers in records for peer in servers})
+    return model_state(dht_prefix, records, inferred, reader.tamper_reports(dht_prefix, peers))
 
 
 class StateCollector:

@@ -21,10 +21,11 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from corolla.wire.records import ServerInfo, ServerState
+from corolla.wire.reports import ReportSummary
 
 STATE_VERSION = 1  # of the JSON layout below; bump when a key changes meaning or goes away
 SHORT_ID_CHARS = 8
@@ -39,6 +40,8 @@ class ServerEntry:
     peer_id: str
     info: ServerInfo
     found_blocks: tuple[int, ...]
+    #: clients' reports of this server returning wrong activations (None: none found)
+    reports: ReportSummary | None = None
 
     @property
     def name(self) -> str:
@@ -51,6 +54,7 @@ class ServerEntry:
             "name": self.name,
             "found_blocks": list(self.found_blocks),
             "info": info_json(self.info),
+            "tamper_reports": None if self.reports is None else asdict(self.reports),
         }
 
 
@@ -132,8 +136,14 @@ class ModelState:
         }
 
 
-def model_state(dht_prefix: str, block_records: BlockRecords, num_blocks_inferred: bool = False) -> ModelState:
-    """Build a model's state from the records found under each of its blocks."""
+def model_state(
+    dht_prefix: str,
+    block_records: BlockRecords,
+    num_blocks_inferred: bool = False,
+    reports: Mapping[str, ReportSummary] | None = None,
+) -> ModelState:
+    """Build a model's state from the records found under each of its blocks (and ``reports``: per peer id, what
+    clients reported of it returning wrong activations)."""
     first: dict[str, ServerInfo] = {}
     found: dict[str, list[int]] = {}
     blocks = []
@@ -152,7 +162,8 @@ def model_state(dht_prefix: str, block_records: BlockRecords, num_blocks_inferre
                 peers=tuple(sorted(servers)),
             )
         )
-    entries = [ServerEntry(p, info, tuple(found[p])) for p, info in first.items()]
+    reports = reports or {}
+    entries = [ServerEntry(p, info, tuple(found[p]), reports.get(p)) for p, info in first.items()]
     entries.sort(key=lambda e: (e.info.start, e.info.end, e.name, e.peer_id))
     return ModelState(dht_prefix, tuple(blocks), tuple(entries), num_blocks_inferred)
 

@@ -4,9 +4,12 @@ servers, and test fixtures. One sync object over a network thread of its own (:m
 
 from __future__ import annotations
 
+import asyncio
+
 from corolla.swarm.bridge import LoopThread
 from corolla.swarm.node import NetworkConfig, SwarmNode
 from corolla.wire.records import ModelRecord, ServerInfo
+from corolla.wire.reports import REPORT_KIND, ReportSummary, TamperReport, report_key, summarize_reports
 
 
 class SwarmReader:
@@ -22,6 +25,19 @@ class SwarmReader:
     def block_infos(self, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
         """For each block, ``{peer_id: ServerInfo}`` as the DHT has it now."""
         return self.bridge.run(self.node.records.block_infos(dht_prefix, num_blocks), timeout=self.timeout)
+
+    def tamper_reports(self, dht_prefix: str, peers: list[str]) -> dict[str, ReportSummary]:
+        """What clients reported of each of ``peers`` returning wrong activations (servers without reports are
+        left out): one DHT read per server."""
+
+        async def read() -> dict[str, ReportSummary]:
+            found = await asyncio.gather(
+                *(self.node.records.fetch(REPORT_KIND, report_key(dht_prefix, p), TamperReport) for p in peers)
+            )
+            summaries = {peer: summarize_reports(reports) for peer, reports in zip(peers, found)}
+            return {peer: s for peer, s in summaries.items() if s is not None}
+
+        return self.bridge.run(read(), timeout=self.timeout)
 
     def models(self) -> list[ModelRecord]:
         """The models servers name in the swarm's model directory."""

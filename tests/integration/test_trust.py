@@ -8,13 +8,16 @@ but signs with its own peer key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
 import time
 
 import pytest
 import torch
 from swarm_harness import LOOPBACK
 
+from corolla.client.verification import RecordStoreSink
 from corolla.swarm.bridge import LoopThread
 from corolla.swarm.node import NetworkConfig, SwarmNode
 from corolla.swarm.reader import SwarmReader
@@ -32,6 +35,7 @@ from corolla.wire.messages import (
     PushedStep,
 )
 from corolla.wire.records import RecordClaim, ServerInfo, ServerState
+from corolla.wire.reports import REPORT_KIND, TamperReport, report_key
 
 PREFIX = "tiny-llama"
 
@@ -131,3 +135,26 @@ def test_outsider_and_forged_records_are_refused(shared_swarm, peers):
         assert "fake" not in {info.public_name for info in block0.values()}
         assert reader.block_infos("trust-test", 1)[0][me].public_name == "fake"  # a member may announce itself
         assert reader.trust_json()["private"]
+
+
+def test_tamper_reports_reach_health_and_outsiders_cannot_report(shared_swarm, peers, tiny_llama, processes):
+    """A member client's report of a server returning wrong activations is a signed record that `corolla health`
+    shows in the server's row; an outsider's report is refused by the members' DHT."""
+    bridge, nodes = peers
+    suspect = shared_swarm.servers["s2"].peer_id
+    report = TamperReport(PREFIX, suspect, 2, 6, 0.3, 1e-3, 2.0, 5, 16, "float32", "", ("QmA", "QmB"), (), True,
+                          time.time())  # fmt: skip
+    assert not bridge.run(nodes["outsider"].records.store(REPORT_KIND, report_key(PREFIX, suspect),
+                                                          nodes["outsider"].trust.peer_key.peer_id, report,
+                                                          60.0, owned=True))  # fmt: skip
+    member = nodes["member"]
+    bridge.run(RecordStoreSink(member.records, member.trust.peer_key.peer_id).publish(report))
+
+    cmd = ["-m", "corolla.cli.health", "--initial_peers", *shared_swarm.initial_peers,
+           "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--model", str(tiny_llama), "--json"]  # fmt: skip
+    proc = processes.start(cmd, "health-reports", stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, proc.log_path.read_text()[-3000:]
+    servers = {s["name"]: s for s in json.loads(out)["models"][0]["servers"]}
+    assert servers["s2"]["tamper_reports"]["reporters"] == 1 and servers["s2"]["tamper_reports"]["confirmed"] == 1
+    assert servers["s0"]["tamper_reports"] is None

@@ -14,6 +14,7 @@ from corolla.cli.health_table import (
 )
 from corolla.monitor.state import model_state
 from corolla.wire.records import WIRE_VERSION, ServerInfo, ServerState
+from corolla.wire.reports import ReportSummary
 
 PEER_A = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAaaaa1111"
 PEER_B = "12D3KooWBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBbbbb2222"
@@ -28,6 +29,24 @@ def state(prefix: str, num_blocks: int, servers: dict[str, ServerInfo]):
     """The model state of what fetch_block_infos returns: each server's record under every block of its range."""
     records = [{p: i for p, i in servers.items() if i.start <= b < i.end} for b in range(num_blocks)]
     return model_state(prefix, records)
+
+
+def test_servers_reported_for_wrong_activations_are_marked():
+    servers = {PEER_A: info(0, 2, public_name="liar"), PEER_B: info(0, 2, public_name="honest")}
+    records = [dict(servers), dict(servers)]
+    reports = {PEER_A: ReportSummary(reporters=3, confirmed=2, detections=5, latest=1.0e9)}
+    model = model_state("m", records, reports=reports)
+    rows = {row[0]: row for row in server_rows(model)}
+    reported = COLUMNS.index("reported")
+    assert rows["liar"][reported] == "3 (2 confirmed)" and rows["honest"][reported] == "-"
+    servers_json = {s["name"]: s for s in model.to_json()["servers"]}
+    assert servers_json["liar"]["tamper_reports"] == {
+        "reporters": 3,
+        "confirmed": 2,
+        "detections": 5,
+        "latest": 1e9,
+    }
+    assert servers_json["honest"]["tamper_reports"] is None
 
 
 def test_coverage_characters():
@@ -61,7 +80,7 @@ def test_gaps_counts_and_rows():
     assert alpha[: len(COLUMNS)] == [
         "alpha", "[0:4)", "online", "123.5", "2.1", "8192", "0.0", "0.1.0", str(WIRE_VERSION), "bfloat16", "nf4",
         "lora-a,lora-b",
-        "direct",
+        "direct", "-",  # no client reported it
     ]  # fmt: skip
     beta = next(line for line in lines if line.strip().startswith("beta")).split()
     assert beta[1] == "[2:6)" and beta[7] == "?"  # no software version announced

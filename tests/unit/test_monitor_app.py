@@ -33,6 +33,9 @@ class FakeReader:
             raise self.failure
         return [{p: i for p, i in self.servers.items() if i.start <= b < i.end} for b in range(num_blocks)]
 
+    def tamper_reports(self, dht_prefix: str, peers: list[str]) -> dict:
+        return {}
+
     def trust_json(self) -> dict:
         return {"private": True, "key": "0123abcd", "ignored_records": {"forged": 1}}
 
