@@ -21,6 +21,7 @@ locally, no download). Run::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -61,6 +62,7 @@ def answer(model, tokenizer, question: str, **kwargs) -> str:
 
 def start_swarm(swarm: LocalSwarm, args, num_blocks: int, extra_args: list[str] = ()) -> list[str]:
     peers = swarm.start_dht()
+    os.environ["COROLLA_SWARM_KEY"] = swarm.swarm_key  # the swarm is private: our clients join with its key
     swarm.start_servers(
         args.model, args.num_servers, num_blocks, list(extra_args), threads_per_server(args.num_servers)
     )

@@ -21,6 +21,7 @@ locally, no download). Run::
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     with LocalSwarm(Path(logs)) as swarm:
         say(f"starting a local swarm: {args.num_servers} servers over {num_blocks} blocks (logs in {logs})")
         peers = swarm.start_dht()
+        os.environ["COROLLA_SWARM_KEY"] = swarm.swarm_key  # the swarm is private: our clients join with its key
         swarm.start_servers(
             args.model, args.num_servers, num_blocks, num_threads=threads_per_server(args.num_servers)
         )
