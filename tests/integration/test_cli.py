@@ -249,7 +249,7 @@ def _readme_flags() -> dict[tuple[str, ...], set[str]]:
     found: dict[tuple[str, ...], set[str]] = {}
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
         for command in re.split(r"&&|\n", block.replace("\\\n", " ")):
-            if match := re.match(r"\s*corolla (\w+)(.*)$", command):
+            if match := re.match(r"\s*corolla ([\w-]+)(.*)$", command):
                 found.setdefault((match[1],), set()).update(re.findall(r"(?<!\S)(--[\w-]+)", match[2]))
     return found
 
