@@ -348,7 +348,7 @@ def main(argv=None) -> None:
         thread = threading.Thread(target=normal_client, name="normal-client", daemon=True)
         thread.start()
         start = time.perf_counter()
-        report = bridge.run(fuzz(P2PTransport(node.p2p), server.peer_id, _model_ref(model_path, "fuzz-llama"), 64,
+        report = bridge.run(fuzz(P2PTransport(node.p2p, node.trust.member_proof()), server.peer_id, _model_ref(model_path, "fuzz-llama"), 64,
                                  args.frames, args.seed, args.concurrency, progress=progress))  # fmt: skip
         elapsed = time.perf_counter() - start
         stop.set()
@@ -359,7 +359,7 @@ def main(argv=None) -> None:
         if alive:
             try:
                 ping = isinstance(
-                    bridge.run(P2PTransport(node.p2p).call(server.peer_id, PingRequest(), PingResponse, 10)),
+                    bridge.run(P2PTransport(node.p2p, node.trust.member_proof()).call(server.peer_id, PingRequest(), PingResponse, 10)),
                     PingResponse,
                 )
             except Exception as e:  # noqa: BLE001
