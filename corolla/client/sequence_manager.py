@@ -91,6 +91,8 @@ class RemoteSequenceManager(RemoteChain):
         self.ready = threading.Event()
         self.spans: dict[str, RemoteSpanInfo] = {}
         self.refused: dict[str, str] = {}  # peer -> why we do not use it
+        #: records the DHT gave us that were ignored as invalid, by reason (forged, expired, not_sealed, ...)
+        self.ignored_records: dict[str, int] = {}
         self.rtts: dict[str, float] = {}
         self.policy = FailurePolicy(config, on_ban=lambda peer: self.rtts.pop(peer, None))
         self._last_seen: dict[str, float] = {}
@@ -119,6 +121,7 @@ class RemoteSequenceManager(RemoteChain):
             if not force and time.monotonic() - self._updated_at < self.config.update_period:
                 return
             infos = await self.discovery.block_infos(self.model.dht_prefix, self.num_blocks)
+            self._report_ignored()
             now = time.monotonic()
             seen = {peer for servers in infos for peer in servers}
             usable = {}
@@ -137,6 +140,19 @@ class RemoteSequenceManager(RemoteChain):
             self.spans = usable
             self._updated_at = now
             self.ready.set()
+
+    def _report_ignored(self) -> None:
+        """Say when the DHT gave us records we ignored as invalid (forged, replayed, not sealed with the key)."""
+        ignored = self.discovery.rejected()
+        new = {reason: n - self.ignored_records.get(reason, 0) for reason, n in ignored.items()}
+        new = {reason: n for reason, n in new.items() if n > 0}
+        if new:
+            logger.warning(
+                "Ignored %d invalid record(s) in the DHT (%s): another peer announcing in a server's name, a replayed "
+                "or outliving record, or one not sealed with this swarm's key",
+                sum(new.values()), ", ".join(f"{reason} {n}" for reason, n in sorted(new.items())),
+            )  # fmt: skip
+        self.ignored_records = ignored
 
     async def refresh_forever(self) -> None:
         """Keep the swarm view fresh in the background, so that routing never waits on the DHT."""

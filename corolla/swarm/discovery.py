@@ -46,6 +46,10 @@ class Discovery(Protocol):
         """For each block 0..num_blocks-1, ``{peer_id: ServerInfo}`` of the servers announcing it."""
         ...
 
+    def rejected(self) -> dict[str, int]:
+        """Records ignored so far as invalid, by reason (see :class:`RecordStore`)."""
+        ...
+
 
 class RecordStore:
     """Signed (and, in a private swarm, sealed) records in a DHT, for one peer (its :class:`Trust`)."""
@@ -185,6 +189,9 @@ class DHTDiscovery:
 
     async def block_infos(self, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
         return await self.records.block_infos(dht_prefix, num_blocks)
+
+    def rejected(self) -> dict[str, int]:
+        return dict(self.records.rejected)
 
 
 def block_key(dht_prefix: str, block: int) -> str:

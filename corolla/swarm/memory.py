@@ -153,6 +153,11 @@ class InMemoryDiscovery:
     def __init__(self, servers: dict[str, ServerInfo] | None = None):
         self.servers: dict[str, ServerInfo] = dict(servers or {})
         self.reads = 0
+        #: what a test says was ignored as invalid (records a test sets are taken as valid)
+        self.ignored: dict[str, int] = {}
+
+    def rejected(self) -> dict[str, int]:
+        return dict(self.ignored)
 
     async def block_infos(self, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
         self.reads += 1

@@ -134,3 +134,20 @@ def test_max_throughput_mode_uses_every_replica(make):
     manager, _ = make(servers)
     seen = {manager.bridge.run(manager.make_route(0, 4, mode="max_throughput"))[0].peer_id for _ in range(60)}
     assert seen == {"a", "b"}
+
+
+def test_ignored_records_are_counted_and_said_once(make, caplog):
+    manager, _ = make({"a": info(0, 4)})
+    discovery = manager.discovery
+    discovery.ignored = {"forged": 2}
+    run = manager.bridge.run
+    with caplog.at_level("WARNING", logger="corolla.client.sequence_manager"):
+        run(manager.update(force=True))
+        run(manager.update(force=True))  # nothing new: no second warning
+        discovery.ignored = {"forged": 2, "expired": 1}
+        run(manager.update(force=True))
+    warnings = [r.getMessage() for r in caplog.records if "invalid record" in r.getMessage()]
+    assert warnings[0].startswith("Ignored 2 invalid record(s) in the DHT (forged 2)")
+    assert warnings[1].startswith("Ignored 1 invalid record(s) in the DHT (expired 1)") and len(warnings) == 2
+    assert manager.ignored_records == {"forged": 2, "expired": 1}
+    assert "a" in manager.spans  # the valid record is used
