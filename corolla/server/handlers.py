@@ -5,12 +5,8 @@ with the error's code and message (unexpected exceptions become ``internal`` and
 closes only its own stream. Framing errors leave the stream out of sync, so they end the call; a
 well-framed but invalid inference step is answered with an error and the session stays usable.
 
-The caller hangs up first. After its last reply the handler waits (up to ``request_timeout``, discarding
-anything more) for the caller to close its end, and only then closes its own: p2pd may *reset* a stream
-whose handler end closes while the caller's is open (its two copy loops race on the close), and a reset
-throws away the bytes the caller's daemon has not handed over yet. On a busy machine that cut replies at
-32 KiB boundaries (p2pd copies in 32 KiB chunks) or dropped them whole. A refused push stream is the exception:
-its pusher reads no replies, so it is closed at once and the pusher opens a new one.
+How a call starts (membership in a private swarm, the first request) and ends (the caller hangs up first) is
+:mod:`corolla.server.admission`'s.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 from corolla.models.lora import use_adapter
 from corolla.server.adapters import AdapterStore, lora_backward, lora_forward
+from corolla.server.admission import read_request, wait_for_hang_up
 from corolla.server.backend import BlockBackend
 from corolla.server.backward import TrainingBackend
 from corolla.server.client_limits import Holding, PeerCounter
@@ -37,7 +34,6 @@ from corolla.swarm.trust import SwarmKey
 from corolla.wire.errors import (
     BadRequestError,
     ClientLimitError,
-    NotAMemberError,
     RemoteError,
     ServerBusyError,
     ServerRefusedError,
@@ -62,7 +58,6 @@ from corolla.wire.messages import (
     LoraReleaseResponse,
     LoraUploadRequest,
     LoraUploadResponse,
-    MemberProof,
     ModelRef,
     PingRequest,
     PingResponse,
@@ -80,9 +75,6 @@ logger = logging.getLogger(__name__)
 MAX_PUSH_STREAMS = 4
 #: this call's place in its caller's bound on open calls (a push stream gives it back: see _pushes)
 _call_holding: contextvars.ContextVar[Holding | None] = contextvars.ContextVar("corolla_call", default=None)
-
-#: In a private swarm nothing bigger than a member proof is read from a caller not yet known to be a member.
-MAX_PROOF_FRAME_BYTES = 256
 
 
 class RequestHandler:
@@ -174,23 +166,7 @@ class RequestHandler:
                 writer.close()
 
     async def _serve(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.swarm_key is None:
-            request = await asyncio.wait_for(read_message(reader, self.max_bytes), self.request_timeout)
-            if isinstance(request, MemberProof):
-                raise NotAMemberError("this server runs an open swarm, but the caller holds a swarm key")
-        else:
-            try:
-                request = await asyncio.wait_for(read_message(reader, MAX_PROOF_FRAME_BYTES), self.request_timeout)
-            except BadRequestError:  # not a proof (too large, or not even a frame): an outsider's call
-                request = None
-            # membership first: an outsider's call ends here, before its request is even read
-            if not isinstance(request, MemberProof) or not self.swarm_key.is_member(peer, request.proof):
-                raise NotAMemberError(
-                    "this server belongs to a private swarm: start with its swarm key (--swarm_key / swarm_key=)"
-                    if not isinstance(request, MemberProof)
-                    else "wrong swarm key: this server belongs to another private swarm"
-                )
-            request = await asyncio.wait_for(read_message(reader, self.max_bytes), self.request_timeout)
+        request = await read_request(reader, peer, self.swarm_key, self.max_bytes, self.request_timeout)
         handler = self._handlers.get(type(request))
         if handler is None:
             raise BadRequestError(f"{type(request).__name__} cannot start a call")
@@ -445,20 +421,3 @@ class RequestHandler:
             _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
             for task in pending:  # idle sessions: their clients see EOF and fail over
                 task.cancel()
-
-
-async def wait_for_hang_up(reader: asyncio.StreamReader, timeout: float) -> None:
-    """Read and discard until the caller closes its end (EOF), for at most ``timeout`` seconds.
-
-    A handler's last reply is safe only once the caller has read it; the caller closes when it has (see the
-    module docstring: closing first lets p2pd reset the stream and drop the reply's unread tail).
-    """
-
-    async def until_eof() -> None:
-        while await reader.read(1 << 16):
-            pass
-
-    try:
-        await asyncio.wait_for(until_eof(), timeout)
-    except (asyncio.TimeoutError, ConnectionError):
-        pass
