@@ -93,17 +93,15 @@ class RecordStore:
             )
         )
 
-    async def fetch(self, kind: str, key: str, cls: type[R], subkeys: Sequence[str] | None = None) -> dict[str, R]:
+    async def fetch(self, kind: str, key: str, cls: type[R]) -> dict[str, R]:
         """The valid records of ``kind`` under ``key``: ``{signer's peer id: record}`` for owned records, else
-        ``{plain subkey: record}`` when the caller names the ``subkeys`` it looks for (needed in a private swarm,
-        whose subkeys are derived names), else ``{stored subkey: record}``."""
+        ``{stored subkey: record}`` (a derived name in a private swarm: such records say what they are about)."""
         found = await self.dht.get(self.trust.dht_name(key), latest=True)
-        return self._open(kind, key, found, cls, subkeys)
+        return self._open(kind, key, found, cls)
 
-    def _open(self, kind: str, key: str, found, cls: type[R], subkeys: Sequence[str] | None) -> dict[str, R]:
+    def _open(self, kind: str, key: str, found, cls: type[R]) -> dict[str, R]:
         if found is None or not isinstance(found.value, dict):
             return {}
-        plain = {self.trust.dht_name(s): s for s in subkeys} if subkeys is not None else {}
         out: dict[str, R] = {}
         for stored_subkey, item in list(found.value.items())[:MAX_SUBKEYS]:
             if not isinstance(stored_subkey, str):
@@ -118,12 +116,7 @@ class RecordStore:
                 self.rejected[e.reason] += 1
                 logger.debug("Skipping a record under %s/%s: %s", key, stored_subkey, e)
                 continue
-            if claim.owner:
-                out[signer] = record
-            elif stored_subkey in plain:
-                out[plain[stored_subkey]] = record
-            elif subkeys is None:
-                out[stored_subkey] = record
+            out[signer if claim.owner else stored_subkey] = record
         return out
 
     async def announce(self, dht_prefix: str, blocks: Sequence[int], info: ServerInfo, expiration: float) -> bool:
@@ -158,7 +151,7 @@ class RecordStore:
         )
         out = []
         for block, key in enumerate(keys):
-            servers = self._open("server", key, found.get(self.trust.dht_name(key)), ServerInfo, None)
+            servers = self._open("server", key, found.get(self.trust.dht_name(key)), ServerInfo)
             for peer_id, info in list(servers.items()):
                 if not info.start <= block < info.end:
                     self.rejected["misplaced"] += 1

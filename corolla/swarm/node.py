@@ -32,8 +32,9 @@ class SwarmNode:
         p2p: P2P,
         dht: DHTNode,
         config: NetworkConfig,
-        daemon_pids: tuple[int, ...] = (),
-        trust: Trust | None = None,
+        daemon_pids: tuple[int, ...],
+        trust: Trust,
+        validator: RecordValidator,
     ):
         self.p2p = p2p
         self.dht = dht
@@ -41,9 +42,9 @@ class SwarmNode:
         self.daemon_pids = daemon_pids
         #: this peer's keys; its records are signed (and sealed in a private swarm) with them
         self.trust = trust
-        self.records = RecordStore(dht, trust) if trust is not None else None
+        self.records = RecordStore(dht, trust)
         #: the DHT node's record validator (its ``refused`` counts invalid values it dropped)
-        self.validator: RecordValidator | None = None
+        self.validator = validator
 
     @classmethod
     async def start(cls, config: NetworkConfig) -> SwarmNode:
@@ -66,11 +67,15 @@ class SwarmNode:
                 dht_mode="client" if config.client_mode else "server",
                 nat_port_map=config.nat_port_map and not _is_loopback(config.host_maddrs),
             )
-            trust = Trust(PeerKey.from_identity_file(identity_path), swarm_key)
+            daemon_pids = tuple(set(reaper.children_named("p2pd")) - before)
+            for pid in daemon_pids:
+                reaper.watch(pid)
+            try:
+                trust = Trust(PeerKey.from_identity_file(identity_path), swarm_key)
+            except BaseException:
+                await p2p.shutdown()
+                raise
         validator = RecordValidator(swarm_key)
-        daemon_pids = tuple(set(reaper.children_named("p2pd")) - before)
-        for pid in daemon_pids:
-            reaper.watch(pid)
         try:
             if trust.peer_key.peer_id != p2p.peer_id.to_base58():
                 raise RuntimeError(f"p2pd runs as {p2p.peer_id}, not as its identity file's peer")
@@ -92,9 +97,7 @@ class SwarmNode:
             if swarm_key
             else "OPEN swarm: no swarm key, anyone who reaches this peer can join and call it",
         )
-        node = cls(p2p, dht, config, daemon_pids, trust)
-        node.validator = validator
-        return node
+        return cls(p2p, dht, config, daemon_pids, trust, validator)
 
     @property
     def peer_id(self) -> PeerID:
