@@ -158,3 +158,21 @@ def test_dht_validator_stores_only_valid_records(keys, swarm_key, private):
             outsider, dataclasses.replace(own, dht_key=c.dht_key), sign_record(outsider, own)
         )
         assert not validator.validate(outsider_record)
+
+
+def test_identity_files_other_than_rsa_are_refused_by_name(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from hivemind.proto import crypto_pb2
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path = tmp_path / "ed25519.key"
+    path.write_bytes(crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.Ed25519, data=der).SerializeToString())
+    with pytest.raises(ValueError, match="only RSA identities"):
+        PeerKey.from_identity_file(path)
+    (tmp_path / "junk.key").write_bytes(b"not a key")
+    with pytest.raises(ValueError, match="not a libp2p identity file"):
+        PeerKey.from_identity_file(tmp_path / "junk.key")
