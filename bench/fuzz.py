@@ -359,7 +359,11 @@ def main(argv=None) -> None:
         if alive:
             try:
                 ping = isinstance(
-                    bridge.run(P2PTransport(node.p2p, node.trust.member_proof()).call(server.peer_id, PingRequest(), PingResponse, 10)),
+                    bridge.run(
+                        P2PTransport(node.p2p, node.trust.member_proof()).call(
+                            server.peer_id, PingRequest(), PingResponse, 10
+                        )
+                    ),
                     PingResponse,
                 )
             except Exception as e:  # noqa: BLE001
