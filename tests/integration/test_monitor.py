@@ -90,6 +90,8 @@ def page_view(driver) -> dict:
           gapNote: (section.querySelector(".gap-note") || {}).textContent || null,
           status: document.getElementById("status").getAttribute("data-status"),
           swarm: document.getElementById("swarm").textContent,
+          headers: [...section.querySelectorAll("table.servers thead th")].map((h) => h.textContent),
+          cells: [...section.querySelectorAll("table.servers tbody tr")].map((r) => [...r.children].map((c) => c.textContent)),
         };
         """,
         PREFIX,
@@ -146,6 +148,8 @@ def test_monitor_shows_servers_then_the_gap(swarm, processes, tiny_llama, tmp_pa
             assert view["coverage"] == ["1"] * 8 and view["gaps"] == "" and view["gapNote"] is None
             assert view["rows"] == ["a", "b"] and view["status"] == "ok"
             assert view["swarm"].startswith("private swarm (key ")
+            reported = view["headers"].index("reported")
+            assert [cells[reported] for cells in view["cells"]] == ["-", "-"]  # no client reported them
             screenshot(driver, tmp_path, "monitor-covered.png")
 
         # SIGTERM: the server announces offline before exiting, so blocks 4-7 lose their only server

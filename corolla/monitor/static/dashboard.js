@@ -26,6 +26,8 @@ const COLUMNS = [
   ["conn", (s) => (s.info.relayed ? "relayed" : "direct")],
   ["config", (s) => (s.info.config_hash || "?").slice(0, 10)],
   ["next RTTs", (s) => (s.info.next_rtts || []).map(([p, t]) => `…${String(p).slice(-6)} ${fixed(t * 1000, 1)} ms`).join(", ") || "-"],
+  // clients that reported this server returning wrong activations (how many had a majority against it)
+  ["reported", (s) => (s.tamper_reports ? `${s.tamper_reports.reporters} (${s.tamper_reports.confirmed} confirmed)` : "-")],
 ];
 // record fields the columns above already show; any other field gets a generic column
 const SHOWN = new Set(["state", "start", "end", "public_name", "throughput", "inference_latency", "free_cache_tokens",
