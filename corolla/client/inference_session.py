@@ -42,7 +42,8 @@ import torch
 
 from corolla.client.chain import NO_EXTRAS, ChainExtras, ChainSession, RouteHop
 from corolla.client.failure_policy import blame
-from corolla.client.hop_session import HopSession, UnresponsiveServerError
+from corolla.client.hop_session import HopSession
+from corolla.client.liveness import await_alive
 from corolla.client.routing import DEFAULT_LATENCY, DEFAULT_RTT, Hop, format_route
 from corolla.client.verification import Check, Finding, verifier_for
 from corolla.models.deep_prompts import prompt_overlap
@@ -233,7 +234,7 @@ class InferenceSession(ChainSession):
         compression = INT8_ROWWISE if self.manager.config.activation_compression == "int8" else None
         return verifier.start(
             hop.hop, _joined(hop.history, x, hypo_ids), _joined(self._positions, positions, hypo_ids),
-            _joined(self._masks, mask, hypo_ids), compression, self.route_adapter, self._await_alive,
+            _joined(self._masks, mask, hypo_ids), compression, self.route_adapter,
         )  # fmt: skip
 
     async def _judge(self, checks: list[tuple[HopSession, Check]]) -> list[Finding]:
@@ -241,10 +242,7 @@ class InferenceSession(ChainSession):
         if not checks:
             return []
         verdicts = await asyncio.gather(
-            *(
-                self._verifier.judge(c, torch.cat(h.outputs, dim=1), self.route_adapter, self._await_alive)
-                for h, c in checks
-            )
+            *(self._verifier.judge(c, torch.cat(h.outputs, dim=1), self.route_adapter) for h, c in checks)
         )
         return [f for f in verdicts if f is not None]
 
@@ -324,7 +322,7 @@ class InferenceSession(ChainSession):
                     hop.accepts_push = False
                     t0 = time.perf_counter()
                     await self._send_step(hop, message)
-            output = await self._await_alive(hop.hop.peer_id, result, hop.expected(tokens))
+            output = await await_alive(self.manager, hop.hop.peer_id, result, hop.expected(tokens))
         finally:
             if not result.done():
                 result.cancel()
@@ -354,35 +352,6 @@ class InferenceSession(ChainSession):
             return InferenceStep(offset, x, positions, mask, step_id, push, hypo_ids)
         prompts = self.prompts[hop.start : hop.end].to(x.dtype).contiguous()
         return InferencePromptStep(offset, x, positions, mask, prompts, step_id)
-
-    async def _await_alive(self, peer: str, coro, expected: float):
-        """Await ``coro``; past each deadline, ping the server and give up only if it does not answer.
-
-        A busy server (many sessions batched, a long queue) is slow, not dead: its pings are answered off its
-        compute path, so it is waited for, with deadlines doubling (up to 8 s) while it keeps answering. A
-        ping lost under load gets a second chance with 4x the timeout; only a server silent to both is given up
-        (a stopped process, a cut link)."""
-        cfg = self.manager.config
-        task = asyncio.ensure_future(coro)
-        deadline = max(cfg.step_timeout_floor, cfg.step_timeout_factor * expected)
-        waited = 0.0
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=deadline)
-                if done:
-                    return task.result()
-                waited += deadline
-                if waited >= cfg.request_timeout:
-                    raise TimeoutError(f"server {peer} took over {waited:.0f} s")
-                if await self.manager.ping(peer) is None and (
-                    await self.manager.ping(peer, timeout=4 * cfg.ping_timeout) is None
-                ):
-                    raise UnresponsiveServerError(f"no reply in {waited:.2f} s and no answer to two pings")
-                logger.debug("Server %s is slow but alive (%.1f s so far)", peer, waited)
-                deadline = min(2 * deadline, max(deadline, 8.0))
-        finally:
-            if not task.done():
-                task.cancel()
 
     async def _open_chain(self, start: int, end: int, history: list[torch.Tensor] | None) -> list[HopSession]:
         """Open sessions covering [start, end) and replay ``history`` (that span's inputs) into them."""
@@ -456,7 +425,7 @@ class InferenceSession(ChainSession):
             conn.close()
             raise
         session.opened = asyncio.ensure_future(
-            self._await_alive(hop.peer_id, conn.recv(InferenceOpened), expected + rtt)
+            await_alive(self.manager, hop.peer_id, conn.recv(InferenceOpened), expected + rtt)
         )
         return session
 
@@ -481,7 +450,9 @@ class InferenceSession(ChainSession):
                 session.compression,
             )
             expected = session.expected(x[:, sl].shape[1])
-            result = await self._await_alive(session.hop.peer_id, session.conn.recv(InferenceStepResult), expected)
+            result = await await_alive(
+                self.manager, session.hop.peer_id, session.conn.recv(InferenceStepResult), expected
+            )
             outputs.append(result.hidden.to(x.dtype))
         return torch.cat(outputs, dim=1)
 

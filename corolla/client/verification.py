@@ -43,13 +43,13 @@ import os
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from corolla.client.failure_policy import blame
+from corolla.client.liveness import await_alive
 from corolla.client.remote_autograd import call_peer
 from corolla.client.routing import Hop, plan_max_throughput
 from corolla.wire.messages import ForwardRequest, ForwardResponse
@@ -201,9 +201,6 @@ class Finding:
     first_position: int
 
 
-AwaitAlive = Callable[[str, Awaitable, float], Awaitable]
-
-
 class Verifier:
     """One client's checks: which steps, against whom, the verdicts, bans, stats and reports."""
 
@@ -229,7 +226,6 @@ class Verifier:
         mask,
         compression: str | None,
         adapter: str | None,
-        await_alive: AwaitAlive,
     ) -> Check | None:
         """Start the reference forward of ``hop``'s whole input; None when the hop cannot be checked."""
         span = self.manager.spans.get(hop.peer_id)
@@ -240,10 +236,10 @@ class Verifier:
         if compression == INT8_ROWWISE:  # what the suspect computed on
             inputs = _int8_round_trip(inputs, self.manager.config.max_message_bytes)
         info = span.info
-        coro = self._opinion(hop, info, inputs, positions, mask, {hop.peer_id}, adapter, await_alive)
+        coro = self._opinion(hop, info, inputs, positions, mask, {hop.peer_id}, adapter)
         return Check(hop, info, inputs, positions, mask, compression, asyncio.ensure_future(coro))
 
-    async def judge(self, check: Check, outputs: torch.Tensor, adapter: str | None, await_alive: AwaitAlive):
+    async def judge(self, check: Check, outputs: torch.Tensor, adapter: str | None):
         """Compare the hop's ``outputs`` with the reference (and a third opinion if they disagree); ban, count and
         report. Returns a :class:`Finding` when the hop lied."""
         opinion = await check.reference
@@ -260,9 +256,7 @@ class Verifier:
             self.stats.agreed += 1
             return None
         exclude = {check.hop.peer_id, *first_peers}
-        third = await self._opinion(
-            check.hop, check.info, check.inputs, check.positions, mask, exclude, adapter, await_alive
-        )
+        third = await self._opinion(check.hop, check.info, check.inputs, check.positions, mask, exclude, adapter)
         vs_third = first_vs_third = None
         third_peers: list[str] = []
         if third is not None:
@@ -333,7 +327,7 @@ class Verifier:
             and (adapter is None or adapter in s.info.adapters)
         ]
 
-    async def _opinion(self, hop: Hop, info, inputs, positions, mask, exclude, adapter, await_alive: AwaitAlive):
+    async def _opinion(self, hop: Hop, info, inputs, positions, mask, exclude, adapter):
         """``(outputs, peers)`` of blocks [hop.start, hop.end) over ``inputs`` on servers outside ``exclude``, or None
         if none can say (no such server, a failure, or the request is over the message limit)."""
         manager = self.manager
@@ -352,7 +346,7 @@ class Verifier:
                 async with blame(step.peer_id):
                     expected = _expected_forward(manager, step, x.shape[0] * x.shape[1])
                     response = await await_alive(
-                        step.peer_id, call_peer(manager, step.peer_id, request, ForwardResponse), expected
+                        manager, step.peer_id, call_peer(manager, step.peer_id, request, ForwardResponse), expected
                     )
                     if response.hidden.shape != x.shape:
                         raise ValueError(
