@@ -104,6 +104,13 @@ class Server:
     def close(self) -> None:
         self.worker.shutdown()
 
+    def run(self, scenario) -> None:
+        """Run ``scenario`` (a coroutine) on a fresh event loop, then stop the server's compute worker."""
+        try:
+            asyncio.run(scenario)
+        finally:
+            self.close()
+
 
 async def _until(condition) -> None:
     """Wait (bounded) for something the server does on its own, such as noticing a closed stream."""
@@ -208,10 +215,7 @@ def test_a_client_over_its_cache_share_is_refused_while_another_is_served(stack)
         for conn in held:
             conn.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        server.close()
+    server.run(go())
 
 
 # -- sessions, open calls, idle and half-open ---------------------------------------------------------
@@ -234,10 +238,7 @@ def test_a_client_over_its_sessions_is_refused_while_another_is_served(stack):
         for conn in held:
             conn.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        server.close()
+    server.run(go())
 
 
 def test_idle_streams_are_bounded_per_client(stack):
@@ -265,10 +266,7 @@ def test_idle_streams_are_bounded_per_client(stack):
         for _, w in idle[1:]:
             w.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        server.close()
+    server.run(go())
 
 
 def test_an_idle_stream_and_a_half_open_session_end_and_give_back_what_they_held(stack):
@@ -288,10 +286,7 @@ def test_an_idle_stream_and_a_half_open_session_end_and_give_back_what_they_held
         assert handler.client_sessions.held("greedy") == 0 and server.memory.client_used("greedy") == 0
         assert server.memory.free == server.memory.capacity
 
-    try:
-        asyncio.run(go())
-    finally:
-        server.close()
+    server.run(go())
 
 
 def test_push_streams_leave_the_calls_bound_and_are_bounded_per_session(stack):
@@ -327,10 +322,7 @@ def test_push_streams_leave_the_calls_bound_and_are_bounded_per_session(stack):
             w.close()
         conn.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        server.close()
+    server.run(go())
 
 
 # -- compute jobs: a bound per client, and turns ------------------------------------------------------
@@ -372,10 +364,7 @@ def test_a_client_over_its_compute_jobs_is_refused_and_waits_no_longer_than_one_
         await gate.opened()
         await asyncio.gather(polite, *flood)
 
-    try:
-        asyncio.run(go())
-    finally:
-        server.close()
+    server.run(go())
     assert ran == [1, 2, 1, 1, 1]
 
 
