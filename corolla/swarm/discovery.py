@@ -60,10 +60,6 @@ class RecordStore:
         #: reason -> how many records this peer's reads skipped for it (see the module docstring)
         self.rejected: collections.Counter[str] = collections.Counter()
 
-    @property
-    def swarm_key(self) -> SwarmKey | None:
-        return self.trust.swarm_key
-
     def _value(
         self, kind: str, key: str, subkey: str, owner: str, record: object, expiration_time: float
     ) -> bytes:
@@ -108,7 +104,9 @@ class RecordStore:
                 self.rejected["malformed"] += 1
                 continue
             try:
-                claim, signer = open_record(self.swarm_key, item.value, self.trust.dht_name(key), stored_subkey)
+                claim, signer = open_record(
+                    self.trust.swarm_key, item.value, self.trust.dht_name(key), stored_subkey
+                )
                 if claim.kind != kind:
                     raise RecordRejected("wrong_kind", f"{claim.kind} under a {kind} key")
                 record = _decode(claim.body, cls)

@@ -44,11 +44,6 @@ class SwarmReader:
         return self.bridge.run(self.node.records.models(), timeout=self.timeout)
 
     @property
-    def private(self) -> bool:
-        """Whether this reader holds a swarm key (it then sees only that private swarm's records)."""
-        return self.node.trust.private
-
-    @property
     def rejected(self) -> dict[str, int]:
         """Records ignored so far, by reason (forged, expired, not sealed with the key, ...; ``refused_by_dht``:
         values our DHT node dropped from lookups before they reached us)."""

@@ -189,10 +189,6 @@ class Trust:
     peer_key: PeerKey
     swarm_key: SwarmKey | None = None
 
-    @property
-    def private(self) -> bool:
-        return self.swarm_key is not None
-
     def member_proof(self) -> bytes | None:
         return None if self.swarm_key is None else self.swarm_key.member_proof(self.peer_key.peer_id)
 
